@@ -1,0 +1,34 @@
+// The operator library: every schema of fused_loss in one place. Kernels register
+// themselves per backend (csrc/cpu/*.cpp, csrc/cuda/*.cu); fake kernels and autograd
+// live in fused_loss/ops.py.
+#include <Python.h>
+
+#include <torch/library.h>
+
+// `import fused_loss._C` loads this shared library, which runs the registrations below.
+// No functions are bound: ops are reached through torch.ops.fused_loss.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+}
+
+TORCH_LIBRARY(fused_loss, m) {
+  // Class-index targets. Returns the loss (reduced as asked) and the log-sum-exp of
+  // every row, which is all the backward needs besides the inputs.
+  m.def(
+      "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index, "
+      "float label_smoothing) -> (Tensor loss, Tensor lse)");
+  m.def(
+      "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
+      "int reduction, int ignore_index, float label_smoothing) -> Tensor");
+  // Probability targets (same shape as input). swt is each row's sum of weighted
+  // smoothed targets, kept for the backward.
+  m.def(
+      "cross_entropy_prob_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
+      "float label_smoothing) -> (Tensor loss, Tensor lse, Tensor swt)");
+  m.def(
+      "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
+      "Tensor swt, int reduction, float label_smoothing, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,79 @@
+// Cross-entropy per-row math, shared by the CPU and CUDA kernels so that the
+// numerics tested on the CPU are the ones the GPU runs.
+//
+// For one row (a sample, or one spatial position of a K-dimensional input) with logits
+// x_c, class weights w_c (all 1 when no weight is given), W = sum_c w_c, smoothing eps
+// and C classes, torch's cross-entropy is
+//   class index y:   (1-eps) w_y (lse - x_y) + eps/C * sum_c w_c (lse - x_c)
+//   probabilities t: sum_c w_c t'_c (lse - x_c),   t'_c = (1-eps) t_c + eps/C
+// The sums over c are gathered in one pass relative to a shift r (the row's first
+// logit when finite), which keeps them accurate when all logits share a large offset:
+//   sum_c w_c (lse - x_c) = W (lse - r) - sum_c w_c (x_c - r).
+#pragma once
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FL_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FL_HOST_DEVICE inline
+#endif
+
+namespace fused_loss {
+
+// Options of one cross-entropy call, in the accumulation type A.
+template <typename A>
+struct CrossEntropyParams {
+  bool smooth;   // label_smoothing > 0 (torch ignores a smoothing <= 0)
+  A eps;         // label smoothing when smooth, else 0
+  A eps_over_c;  // eps / C
+  A w_sum;       // sum of class weights (C without weights)
+};
+
+// Loss of a row with a class-index target. sx = sum_c w_c (x_c - r).
+template <typename A>
+FL_HOST_DEVICE A ce_class_row_loss(const CrossEntropyParams<A>& p, A lse, A x_y, A w_y, A r, A sx) {
+  if (!p.smooth) return w_y * (lse - x_y);
+  return (A(1) - p.eps) * w_y * (lse - x_y) + p.eps_over_c * (p.w_sum * (lse - r) - sx);
+}
+
+// Loss of a row with probability targets. swt = sum_c w_c t'_c, swtx = sum_c w_c t'_c (x_c - r).
+template <typename A>
+FL_HOST_DEVICE A ce_prob_row_loss(A lse, A r, A swt, A swtx) {
+  return (lse - r) * swt - swtx;
+}
+
+// Smoothed target t'_c.
+template <typename A>
+FL_HOST_DEVICE A ce_smoothed_target(A t, A one_minus_eps, A eps_over_c) {
+  return t * one_minus_eps + eps_over_c;
+}
+
+// The gradient of a class-index row is dx_c = p_c * a - b * w_c - [c == y] * t_y with
+// p = softmax(x) and g the row's share of the upstream gradient (0 for ignored rows).
+template <typename A>
+struct CrossEntropyClassGrad {
+  A a;    // multiplies p_c
+  A b;    // multiplies w_c (or 1): the smoothing part
+  A t_y;  // subtracted at the target class
+};
+
+template <typename A>
+FL_HOST_DEVICE CrossEntropyClassGrad<A> ce_class_grad_coefs(const CrossEntropyParams<A>& p, A g, A w_y) {
+  if (!p.smooth) return {g * w_y, A(0), g * w_y};
+  const A t_y = g * (A(1) - p.eps) * w_y;
+  return {t_y + g * p.eps_over_c * p.w_sum, g * p.eps_over_c, t_y};
+}
+
+// Mixing the statistics of two parts of a row: running max m and sum s of exp(x - m).
+// `exp_fn` lets each backend use its own exp; the parts are merged in a fixed order so
+// that results do not depend on the thread count.
+template <typename A, typename Exp>
+FL_HOST_DEVICE void merge_max_sumexp(A& m, A& s, A m_part, A s_part, Exp exp_fn) {
+  if (m_part > m) {
+    s = s * exp_fn(m - m_part) + s_part;
+    m = m_part;
+  } else if (s_part != A(0)) {  // also propagates NaN (NaN != 0)
+    s += s_part * exp_fn(m_part - m);
+  }
+}
+
+}  // namespace fused_loss

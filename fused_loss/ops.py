@@ -1,0 +1,107 @@
+"""Fake kernels and autograd for the torch.ops.fused_loss operators.
+
+The schemas live in csrc/fused_loss.cpp and the kernels in csrc/<backend>/. Each
+backward is itself a registered op, so torch.compile traces it like any other.
+"""
+import math
+
+import torch
+from torch.library import register_autograd, register_fake
+
+ops = torch.ops.fused_loss
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction's numbering
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the kernels: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows(input: torch.Tensor):
+    """Rows of an (N, C, d1, ..., dk) input: N * d1 * ... * dk."""
+    return input.shape[0] * math.prod(input.shape[2:])
+
+
+def _row_shape(input: torch.Tensor):
+    return (input.shape[0], *input.shape[2:])
+
+
+def _check_input(input: torch.Tensor):
+    torch._check(input.dim() >= 2, lambda: f"expected input of shape (N, C, ...), got {tuple(input.shape)}")
+    torch._check(input.dtype.is_floating_point, lambda: f"expected a floating point input, got {input.dtype}")
+
+
+# --- class-index targets -------------------------------------------------------------
+
+@register_fake("fused_loss::cross_entropy_forward")
+def _(input, target, weight, reduction, ignore_index, label_smoothing):
+    _check_input(input)
+    torch._check(tuple(target.shape) == _row_shape(input), lambda: "target shape does not match input")
+    loss = input.new_empty(target.shape if reduction == 0 else ())
+    return loss, input.new_empty((_rows(input),), dtype=acc_dtype(input.dtype))
+
+
+@register_fake("fused_loss::cross_entropy_backward")
+def _(grad_loss, input, target, weight, lse, reduction, ignore_index, label_smoothing):
+    _check_input(input)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    input, target, weight, reduction, ignore_index, label_smoothing = inputs
+    ctx.save_for_backward(input, target, weight, output[1])
+    ctx.args = (reduction, ignore_index, label_smoothing)
+
+
+def _ce_backward(ctx, grad_loss, grad_lse):
+    input, target, weight, lse = ctx.saved_tensors
+    if ctx.needs_input_grad[2]:
+        raise NotImplementedError("fused_loss.cross_entropy: the derivative for 'weight' is not implemented (as in torch)")
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_input = ops.cross_entropy_backward(grad_loss, input, target, weight, lse, *ctx.args)
+    return grad_input, None, None, None, None, None
+
+
+register_autograd("fused_loss::cross_entropy_forward", _ce_backward, setup_context=_ce_setup_context)
+
+
+# --- probability targets -------------------------------------------------------------
+
+@register_fake("fused_loss::cross_entropy_prob_forward")
+def _(input, target, weight, reduction, label_smoothing):
+    _check_input(input)
+    torch._check(target.shape == input.shape, lambda: "probability targets must have the input's shape")
+    loss = input.new_empty(_row_shape(input) if reduction == 0 else ())
+    stats = input.new_empty((_rows(input),), dtype=acc_dtype(input.dtype))
+    return loss, stats, torch.empty_like(stats)
+
+
+@register_fake("fused_loss::cross_entropy_prob_backward")
+def _(grad_loss, input, target, weight, lse, swt, reduction, label_smoothing, input_grad, target_grad):
+    _check_input(input)
+    dx = torch.empty_like(input, memory_format=torch.contiguous_format) if input_grad else input.new_empty((0,))
+    dt = torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else target.new_empty((0,))
+    return dx, dt
+
+
+def _ce_prob_setup_context(ctx, inputs, output):
+    input, target, weight, reduction, label_smoothing = inputs
+    ctx.save_for_backward(input, target, weight, output[1], output[2])
+    ctx.args = (reduction, label_smoothing)
+
+
+def _ce_prob_backward(ctx, grad_loss, grad_lse, grad_swt):
+    input, target, weight, lse, swt = ctx.saved_tensors
+    if ctx.needs_input_grad[2]:
+        raise NotImplementedError("fused_loss.cross_entropy: the derivative for 'weight' is not implemented")
+    need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_input or need_target):
+        return None, None, None, None, None
+    dx, dt = ops.cross_entropy_prob_backward(
+        grad_loss, input, target, weight, lse, swt, *ctx.args, need_input, need_target)
+    return (dx if need_input else None), (dt if need_target else None), None, None, None
+
+
+register_autograd("fused_loss::cross_entropy_prob_forward", _ce_prob_backward, setup_context=_ce_prob_setup_context)

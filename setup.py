@@ -1,0 +1,86 @@
+"""Builds fused_loss._C with torch.utils.cpp_extension.
+
+CPU kernels use at::vec::Vectorized, whose width is chosen at compile time by the
+CPU_CAPABILITY macros (ATen builds each kernel once per capability and dispatches at
+run time; we build once, for the best capability of the build machine). Override with
+FUSED_LOSS_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 when building for another machine.
+CUDA kernels (csrc/cuda/*.cu) are added when torch has CUDA and nvcc is found;
+FUSED_LOSS_NO_CUDA=1 skips them.
+"""
+import glob
+import os
+import platform
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+CAPABILITY_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+
+
+def host_capability() -> str:
+    """Best at::vec capability this machine runs (x86 only; else DEFAULT)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "DEFAULT"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return "DEFAULT"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "AVX512"
+    if {"avx2", "fma", "f16c"} <= flags:
+        return "AVX2"
+    return "DEFAULT"
+
+
+def cpu_flags() -> list:
+    cap = os.environ.get("FUSED_LOSS_CPU_CAPABILITY", host_capability()).upper()
+    if cap not in CAPABILITY_FLAGS:
+        raise ValueError(f"FUSED_LOSS_CPU_CAPABILITY must be one of {sorted(CAPABILITY_FLAGS)}, got {cap}")
+    flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", f"-DFUSED_LOSS_CPU_CAPABILITY=\"{cap}\""]
+    if cap != "DEFAULT":
+        flags += [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"] + CAPABILITY_FLAGS[cap]
+    return flags
+
+
+def use_cuda() -> bool:
+    if os.environ.get("FUSED_LOSS_NO_CUDA", "0") == "1":
+        return False
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    cxx = cpu_flags()
+    if use_cuda() and glob.glob("csrc/cuda/*.cu"):
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        return cpp_extension.CUDAExtension(
+            "fused_loss._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx + ["-DFUSED_LOSS_WITH_CUDA"],
+                                "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    return cpp_extension.CppExtension(
+        "fused_loss._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
