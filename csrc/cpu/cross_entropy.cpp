@@ -133,6 +133,15 @@ CrossEntropyParams<A> make_params(double label_smoothing, int64_t classes, const
   return p;
 }
 
+// Log-sum-exp of a row from its max and sum of exp(x - max). A row holding NaN or +inf
+// gets NaN, as torch's log_softmax gives; the backward turns a NaN lse into NaN
+// gradients explicitly, because exp_u20 clamps NaN arguments instead of propagating them.
+template <typename A>
+A row_lse(A m, A s) {
+  if (m == std::numeric_limits<A>::infinity()) return std::numeric_limits<A>::quiet_NaN();
+  return m + std::log(s);
+}
+
 // Shift for the one-pass class sums: the row's first logit when finite, else 0.
 template <typename A>
 A row_shift(A x0) { return std::isfinite(x0) ? x0 : A(0); }
@@ -263,41 +272,66 @@ struct NoTerms {
   void finish(Partial<acc_t<T>>&) const {}
 };
 
+// Accumulators per reduction: independent chains hide the latency of max and add.
+constexpr int kAcc = 4;
+
 // One chunk of a row, block by block: pass 1 streams the block from memory for its max,
 // pass 2 re-reads it from L1 for the sums. One exp per element.
 template <typename T, typename Terms>
 Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms) {
   using A = acc_t<T>;
   using V = AccVec<T>;
+  constexpr int NV = kVecsPerLine<T>;
   Partial<A> part;
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = std::min(kBlock, n - b);
+    const int64_t full = len / (kAcc * kLine<T>) * (kAcc * kLine<T>);  // lines in groups of kAcc
     const T* xb = x + b;
-    V vmax(kNegInf<A>);
-    for_each_line<T>(len, [&](int64_t i, int64_t cnt) {
-      prefetch(xb + i);
-      V v[kVecsPerLine<T>];
-      load_line_n(xb + i, v, cnt);
-      for (int k = 0; k < kVecsPerLine<T>; ++k) {
+    V acc[kAcc];
+    for (auto& a : acc) a = V(kNegInf<A>);
+    for (int64_t i = 0; i < full; i += kAcc * kLine<T>) {
+      for (int u = 0; u < kAcc; ++u) {
+        prefetch(xb + i + u * kLine<T>);
+        V v[NV];
+        load_line(xb + i + u * kLine<T>, v);
+        for (int k = 0; k < NV; ++k) acc[u] = at::vec::maximum(acc[u], v[k]);
+      }
+    }
+    for_each_line<T>(len - full, [&](int64_t i, int64_t cnt) {
+      V v[NV];
+      load_line_n(xb + full + i, v, cnt);
+      for (int k = 0; k < NV; ++k) {
         const int64_t nk = lanes_in<T>(cnt, k);
-        if (nk > 0) vmax = at::vec::maximum(vmax, keep_first(v[k], nk, kNegInf<A>));
+        if (nk > 0) acc[0] = at::vec::maximum(acc[0], keep_first(v[k], nk, kNegInf<A>));
       }
     });
-    const A mb = reduce_max(vmax);
+    const A mb = reduce_max(at::vec::maximum(at::vec::maximum(acc[0], acc[1]), at::vec::maximum(acc[2], acc[3])));
     const V shift(mb == kNegInf<A> ? A(0) : mb);  // an all -inf block adds exp(-inf) = 0
-    V vsum(0);
-    for_each_line<T>(len, [&](int64_t i, int64_t cnt) {
-      V v[kVecsPerLine<T>];
-      load_line_n(xb + i, v, cnt);
-      for (int k = 0; k < kVecsPerLine<T>; ++k) {
-        const int64_t nk = lanes_in<T>(cnt, k);
-        if (nk > 0) vsum += keep_first((v[k] - shift).exp_u20(), nk, A(0));
+    for (auto& a : acc) a = V(0);
+    for (int64_t i = 0; i < full; i += kAcc * kLine<T>) {
+      for (int u = 0; u < kAcc; ++u) {
+        const int64_t off = i + u * kLine<T>;
+        // Fetch the next block while this one is busy with exp, so that pass 1 of the
+        // next block finds it in cache.
+        prefetch_ahead(xb + off, kBlock * int64_t(sizeof(T)));
+        V v[NV];
+        load_line(xb + off, v);
+        for (int k = 0; k < NV; ++k) acc[u] += (v[k] - shift).exp_u20();
+        terms.add(v, b + off, kLine<T>);
       }
-      terms.add(v, b + i, cnt);
+    }
+    for_each_line<T>(len - full, [&](int64_t i, int64_t cnt) {
+      V v[NV];
+      load_line_n(xb + full + i, v, cnt);
+      for (int k = 0; k < NV; ++k) {
+        const int64_t nk = lanes_in<T>(cnt, k);
+        if (nk > 0) acc[0] += keep_first((v[k] - shift).exp_u20(), nk, A(0));
+      }
+      terms.add(v, b + full + i, cnt);
     });
     Partial<A> blk;
     blk.m = mb;
-    blk.s = reduce_sum(vsum);
+    blk.s = reduce_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
     part.merge(blk);
   }
   terms.finish(part);
@@ -334,12 +368,13 @@ void row_stats(const T* x, int64_t rows, int64_t classes, MakeTerms make_terms, 
 }
 
 // Computes a row's gradient chunk by chunk over all (row, chunk) tasks in parallel.
-// line(row, c0, offset, v, cnt) turns the logits v of a line into its gradient, which is
-// stored to `out` unless out is null (a line may also write other outputs itself).
-// `align` is the output whose alignment decides which lines are streamed; every output
-// is a fresh contiguous tensor of the input's shape, so all share that alignment.
-template <typename T, typename Line>
-void row_grad(const T* x, T* out, const T* align, int64_t rows, int64_t classes, Line line) {
+// make_line(row, c0) returns, once per chunk, a functor line(i, v, cnt) that turns the
+// logits v of the line at class c0 + i into its gradient, which is stored to `out`
+// unless out is null (a line functor may also write other outputs itself). `align` is
+// the output whose alignment decides which lines are streamed; every output is a fresh
+// contiguous tensor of the input's shape, so all share that alignment.
+template <typename T, typename MakeLine>
+void row_grad(const T* x, T* out, const T* align, int64_t rows, int64_t classes, MakeLine make_line) {
   using V = AccVec<T>;
   const int64_t nchunks = std::max<int64_t>(1, ceil_div(classes, kChunk));
   at::parallel_for(0, rows * nchunks, grain_for(std::min(classes, kChunk)), [&](int64_t begin, int64_t end) {
@@ -347,11 +382,12 @@ void row_grad(const T* x, T* out, const T* align, int64_t rows, int64_t classes,
       const int64_t row = task / nchunks, c0 = (task % nchunks) * kChunk;
       if (c0 >= classes) continue;
       const int64_t n = std::min(kChunk, classes - c0), off = row * classes + c0;
+      auto line = make_line(row, c0);
       for_each_aligned_line(align + off, n, [&](int64_t i, int64_t cnt) {
         prefetch(x + off + i);
         V v[kVecsPerLine<T>];
         load_line_n(x + off + i, v, cnt);
-        line(row, c0, i, v, cnt);
+        line(i, v, cnt);
         if (out) store_or_stream(out + off + i, v, cnt);
       });
     }
@@ -418,7 +454,7 @@ void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>
   const A* wp = w.empty() ? nullptr : w.data();
   auto w_of = [&](int64_t c) { return wp ? wp[c] : A(1); };
   auto finish_row = [&](int64_t row, A m, A s, A r, A sx, A x_y, int64_t yc) {
-    lse[row] = m + std::log(s);
+    lse[row] = row_lse(m, s);
     loss[row] = ce_class_row_loss(p, lse[row], x_y, w_of(yc), r, sx);
   };
   if (g.inner == 1) {
@@ -472,27 +508,33 @@ void class_backward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T
   // g: this row's share of the upstream gradient; 0 for an ignored row.
   auto coefs = [&](int64_t row) {
     if (y[row] == ignore_index) return CrossEntropyClassGrad<A>{A(0), A(0), A(0)};
-    return ce_class_grad_coefs(p, grad_rows ? grad_rows[row] : grad_all, wp ? wp[y[row]] : A(1));
+    auto cf = ce_class_grad_coefs(p, grad_rows ? grad_rows[row] : grad_all, wp ? wp[y[row]] : A(1));
+    if (std::isnan(lse[row])) cf.a = lse[row];  // see row_lse
+    return cf;
   };
   if (g.inner == 1) {
-    row_grad<T>(x, dx, dx, g.outer, g.classes, [&](int64_t row, int64_t c0, int64_t i, V* v, int64_t cnt) {
-      if (y[row] == ignore_index) {
-        for (int k = 0; k < kVecsPerLine<T>; ++k) v[k] = V(0);
-        return;
-      }
-      const auto cf = coefs(row);  // cheap; recomputed per line to keep the loop state small
+    row_grad<T>(x, dx, dx, g.outer, g.classes, [&](int64_t row, int64_t c0) {
+      const auto cf = coefs(row);  // all zero for an ignored row
       const V vl(lse[row]), va(cf.a), vb(cf.b);
-      for (int k = 0; k < kVecsPerLine<T>; ++k) {
-        V o = (v[k] - vl).exp_u20() * va;
-        if constexpr (S == Smooth::kUniform) o = o - vb;
-        if constexpr (S == Smooth::kWeighted) {
-          const int64_t n = lanes_in<T>(cnt, k), c = c0 + i + k * kLanes<T>;
-          if (n > 0) o = o - vb * (n == kLanes<T> ? V::loadu(wp + c) : V::loadu(wp + c, n));
+      const A* wc = wp ? wp + c0 : nullptr;
+      const int64_t ty = y[row] - c0;  // target position within the chunk
+      const bool ignored = y[row] == ignore_index;
+      return [=](int64_t i, V* v, int64_t cnt) {
+        if (ignored) {
+          for (int k = 0; k < kVecsPerLine<T>; ++k) v[k] = V(0);
+          return;
         }
-        v[k] = o;
-      }
-      const int64_t ty = y[row] - c0 - i;
-      if (ty >= 0 && ty < cnt) sub_at<T>(v, ty, cf.t_y);
+        for (int k = 0; k < kVecsPerLine<T>; ++k) {
+          V o = (v[k] - vl).exp_u20() * va;
+          if constexpr (S == Smooth::kUniform) o = o - vb;
+          if constexpr (S == Smooth::kWeighted) {
+            const int64_t n = lanes_in<T>(cnt, k), c = i + k * kLanes<T>;
+            if (n > 0) o = o - vb * (n == kLanes<T> ? V::loadu(wc + c) : V::loadu(wc + c, n));
+          }
+          v[k] = o;
+        }
+        if (ty >= i && ty < i + cnt) sub_at<T>(v, ty - i, cf.t_y);
+      };
     });
     return;
   }
@@ -532,7 +574,7 @@ void prob_forward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, c
   const A* wp = w.empty() ? nullptr : w.data();
   const A ome = A(1) - p.eps;
   auto finish_row = [&](int64_t row, A m, A s, A r, A swt, A swtx) {
-    lse[row] = m + std::log(s);
+    lse[row] = row_lse(m, s);
     swt_out[row] = swt;
     loss[row] = ce_prob_row_loss(lse[row], r, swt, swtx);
   };
@@ -573,25 +615,27 @@ void prob_backward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, 
   auto grad_of = [&](int64_t row) { return grad_rows ? grad_rows[row] : grad_all; };
   if (g.inner == 1) {
     // One pass writes both gradients: the input's through row_grad, the target's beside it.
-    row_grad<T>(x, dx, dx ? dx : dt, g.outer, g.classes, [&](int64_t row, int64_t c0, int64_t i, V* v, int64_t cnt) {
-      const int64_t off = row * g.classes + c0 + i;
+    row_grad<T>(x, dx, dx ? dx : dt, g.outer, g.classes, [&](int64_t row, int64_t c0) {
       const A gr = grad_of(row);
-      V tv[kVecsPerLine<T>], gt[kVecsPerLine<T>];
-      if (dx) load_line_n(t + off, tv, cnt);
-      for (int k = 0; k < kVecsPerLine<T>; ++k) {
-        const int64_t n = lanes_in<T>(cnt, k);
-        V wv(1);
-        if constexpr (kWeighted) {
-          const int64_t c = c0 + i + k * kLanes<T>;
-          if (n > 0) wv = n == kLanes<T> ? V::loadu(wp + c) : V::loadu(wp + c, n);
+      const A gs = std::isnan(lse[row]) ? lse[row] : gr * swt[row];  // see row_lse
+      const V vl(lse[row]), vgs(gs), vg(gr), vgo(gr * ome), vome(ome), veps(p.eps_over_c);
+      const A* wc = wp ? wp + c0 : nullptr;
+      const T* tc = t + row * g.classes + c0;
+      T* dtc = dt ? dt + row * g.classes + c0 : nullptr;
+      return [=](int64_t i, V* v, int64_t cnt) {
+        V tv[kVecsPerLine<T>], gt[kVecsPerLine<T>];
+        if (dx) load_line_n(tc + i, tv, cnt);
+        for (int k = 0; k < kVecsPerLine<T>; ++k) {
+          V wv(1);
+          if constexpr (kWeighted) {
+            const int64_t n = lanes_in<T>(cnt, k), c = i + k * kLanes<T>;
+            if (n > 0) wv = n == kLanes<T> ? V::loadu(wc + c) : V::loadu(wc + c, n);
+          }
+          if (dtc) gt[k] = vgo * wv * (vl - v[k]);
+          if (dx) v[k] = (v[k] - vl).exp_u20() * vgs - vg * ce_smoothed_target(tv[k], vome, veps) * wv;
         }
-        if (dt) gt[k] = V(gr * ome) * wv * (V(lse[row]) - v[k]);
-        if (dx) {
-          const V wt = ce_smoothed_target(tv[k], V(ome), V(p.eps_over_c)) * wv;
-          v[k] = (v[k] - V(lse[row])).exp_u20() * V(gr * swt[row]) - V(gr) * wt;
-        }
-      }
-      if (dt) store_or_stream(dt + off, gt, cnt);
+        if (dtc) store_or_stream(dtc + i, gt, cnt);
+      };
     });
     return;
   }
@@ -599,7 +643,7 @@ void prob_backward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, 
     __at_align__ A gl[kLanes<T>] = {}, gs[kLanes<T>] = {}, l[kLanes<T>] = {};
     for (int64_t j = 0; j < nl; ++j) {
       const int64_t row = n * g.inner + j0 + j;
-      gl[j] = grad_of(row), gs[j] = gl[j] * swt[row], l[j] = lse[row];
+      gl[j] = grad_of(row), gs[j] = std::isnan(lse[row]) ? lse[row] : gl[j] * swt[row], l[j] = lse[row];
     }
     const V vg = V::loadu(gl), vgs = V::loadu(gs), vl = V::loadu(l), vgo = vg * V(ome);
     const int64_t base = n * g.classes * g.inner + j0;

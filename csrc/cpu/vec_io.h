@@ -135,9 +135,11 @@ inline void stream_fence() {
 // not keep enough reads in flight.
 constexpr int64_t kPrefetchBytes = 2048;
 
-inline void prefetch(const void* p) {
-  __builtin_prefetch(static_cast<const char*>(p) + kPrefetchBytes, 0, 3);
+inline void prefetch_ahead(const void* p, int64_t bytes) {
+  __builtin_prefetch(static_cast<const char*>(p) + bytes, 0, 3);
 }
+
+inline void prefetch(const void* p) { prefetch_ahead(p, kPrefetchBytes); }
 
 template <typename A>
 inline A reduce_max(const Vectorized<A>& v) {
