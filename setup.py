@@ -43,7 +43,9 @@ def cpu_flags() -> list:
     cap = os.environ.get("FUSED_LOSS_CPU_CAPABILITY", host_capability()).upper()
     if cap not in CAPABILITY_FLAGS:
         raise ValueError(f"FUSED_LOSS_CPU_CAPABILITY must be one of {sorted(CAPABILITY_FLAGS)}, got {cap}")
-    flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", f"-DFUSED_LOSS_CPU_CAPABILITY=\"{cap}\""]
+    # -ffp-contract=off: GCC would otherwise fuse a*b+c differently in different inlined
+    # copies of a kernel (e.g. the serial and the OpenMP path), breaking bitwise determinism.
+    flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", f"-DFUSED_LOSS_CPU_CAPABILITY=\"{cap}\""]
     if cap != "DEFAULT":
         flags += [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"] + CAPABILITY_FLAGS[cap]
     return flags

@@ -13,8 +13,6 @@
 // Determinism. A row is cut into fixed chunks of kChunk classes (its unit of parallel
 // work when rows are few) and each chunk into kBlock-sized blocks; partial results are
 // always merged in the same order, so the bits do not depend on the thread count.
-#include <sys/mman.h>
-
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -27,6 +25,7 @@
 
 #include "fused_loss/common.h"
 #include "fused_loss/cross_entropy_math.h"
+#include "output_cache.h"
 #include "vec_io.h"
 
 namespace fused_loss::cpu {
@@ -145,19 +144,6 @@ A row_lse(A m, A s) {
 // Shift for the one-pass class sums: the row's first logit when finite, else 0.
 template <typename A>
 A row_shift(A x0) { return std::isfinite(x0) ? x0 : A(0); }
-
-// Fresh gradients are large; asking for transparent huge pages before the first touch
-// turns 512 page faults per 2 MiB into one (the kernel's "madvise" THP mode).
-void advise_huge_pages(const at::Tensor& t) {
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t b = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t e = end & ~(kHuge - 1);
-  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // a hint: failure is harmless
-#endif
-}
 
 // ---------------------------------------------------------------------------------
 // Row kernels (inner == 1): one row of C contiguous logits, vectorised along classes.
@@ -681,12 +667,8 @@ void dispatch_bool(bool b, F f) {
 
 at::ScalarType acc_type_of(const at::Tensor& input) { return at::toOpMathType(input.scalar_type()); }
 
-// A fresh output of the input's shape, contiguous, on huge pages when large.
-at::Tensor new_like(const at::Tensor& input) {
-  auto t = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
-  advise_huge_pages(t);
-  return t;
-}
+// An output of the input's shape, contiguous; large ones come from the output cache.
+at::Tensor new_like(const at::Tensor& input) { return empty_cached(input.sizes(), input.options()); }
 
 // Sum of per-row losses in row order (deterministic), in double.
 template <typename A>

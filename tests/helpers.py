@@ -1,0 +1,56 @@
+"""Comparison helpers for the loss tests."""
+import torch
+
+# Tolerances against torch's result in the same dtype (float32/float64). For the 16-bit
+# types the rule is instead: error against a float64 reference no more than twice the
+# error of torch's own result in that dtype (plus one rounding step).
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+REDUCED = (torch.bfloat16, torch.float16)
+
+
+def upstream(shape, dtype):
+    """A fixed upstream gradient whose values (0.5 .. 1.25) are exact in every dtype."""
+    gen = torch.Generator().manual_seed(123)
+    return (torch.randint(2, 6, tuple(shape), generator=gen).double() / 4).to(dtype)
+
+
+def run_with_grads(fn, tensors, **kwargs):
+    """fn(*tensors, **kwargs) on fresh leaf copies; returns the output and the gradients of
+    the floating-point tensors (None for the others) under `upstream`."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+    out = fn(*leaves, **kwargs)
+    diff = [t for t in leaves if t.requires_grad]
+    grads = iter(torch.autograd.grad(out, diff, upstream(out.shape, out.dtype)))
+    return out.detach(), [next(grads).detach() if t.requires_grad else None for t in leaves]
+
+
+def assert_close_to_torch(ours, theirs, reference=None, what=""):
+    assert ours.dtype == theirs.dtype, f"{what}: dtype {ours.dtype} != {theirs.dtype}"
+    assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} != {theirs.shape}"
+    if ours.dtype in TOL:
+        torch.testing.assert_close(ours, theirs, equal_nan=True, msg=lambda m: f"{what}: {m}", **TOL[ours.dtype])
+        return
+    assert reference is not None, "16-bit results need a float64 reference"
+    ref = reference.double()
+    err_ours = (ours.double() - ref).abs()
+    err_torch = (theirs.double() - ref).abs()
+    slack = torch.finfo(ours.dtype).eps * (ref.abs() + 1e-3)
+    bad = err_ours > 2 * err_torch + slack
+    assert not bad.any(), (f"{what}: {int(bad.sum())} values with error above twice torch's: worst ours "
+                           f"{err_ours.max().item():.3g}, torch {err_torch.max().item():.3g}")
+
+
+def compare(fused_fn, torch_fn, tensors, **kwargs):
+    """Value and gradients of fused_fn against torch_fn on the same inputs."""
+    ours, g_ours = run_with_grads(fused_fn, tensors, **kwargs)
+    theirs, g_theirs = run_with_grads(torch_fn, tensors, **kwargs)
+    ref, g_ref = None, [None] * len(tensors)
+    if ours.dtype in REDUCED:
+        up = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kwargs.items()}
+        ref, g_ref = run_with_grads(torch_fn, [t.double() if t.is_floating_point() else t for t in tensors], **up)
+    assert_close_to_torch(ours, theirs, ref, "value")
+    for i, (a, b, r) in enumerate(zip(g_ours, g_theirs, g_ref)):
+        if a is not None or b is not None:
+            assert a is not None and b is not None, f"grad {i}: one side has none"
+            assert_close_to_torch(a, b, r, f"grad of argument {i}")
+    return ours, g_ours

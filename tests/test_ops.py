@@ -1,0 +1,53 @@
+"""torch.library.opcheck on every fused_loss operator: schema, fake kernel, autograd
+registration and AOT dispatch, with and without requires_grad."""
+import pytest
+import torch
+
+import fused_loss  # noqa: F401
+
+ops = torch.ops.fused_loss
+
+
+def _class_samples(requires_grad):
+    out = []
+    for shape, kw in [((5, 7), dict(weight=None, reduction=1, ignore_index=-100, label_smoothing=0.0)),
+                      ((5, 7), dict(weight=torch.rand(7), reduction=0, ignore_index=2, label_smoothing=0.1)),
+                      ((2, 7, 3), dict(weight=torch.rand(7), reduction=2, ignore_index=-100, label_smoothing=0.2))]:
+        x = torch.randn(shape, requires_grad=requires_grad)
+        t = torch.randint(0, shape[1], (shape[0], *shape[2:]))
+        out.append((x, t, kw))
+    return out
+
+
+def _prob_samples(requires_grad):
+    out = []
+    for shape, kw in [((5, 7), dict(weight=None, reduction=1, label_smoothing=0.0)),
+                      ((2, 7, 3), dict(weight=torch.rand(7), reduction=0, label_smoothing=0.1))]:
+        x = torch.randn(shape, requires_grad=requires_grad)
+        t = torch.softmax(torch.randn(shape), 1).requires_grad_(requires_grad)
+        out.append((x, t, kw))
+    return out
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_cross_entropy_forward_and_backward(requires_grad):
+    for x, t, kw in _class_samples(requires_grad):
+        args = (x, t, kw["weight"], kw["reduction"], kw["ignore_index"], kw["label_smoothing"])
+        torch.library.opcheck(ops.cross_entropy_forward, args)
+        loss, lse = ops.cross_entropy_forward(*args)
+        grad = torch.ones_like(loss)
+        torch.library.opcheck(ops.cross_entropy_backward,
+                              (grad, x.detach(), t, kw["weight"], lse.detach(), kw["reduction"], kw["ignore_index"],
+                               kw["label_smoothing"]))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_cross_entropy_prob_forward_and_backward(requires_grad):
+    for x, t, kw in _prob_samples(requires_grad):
+        args = (x, t, kw["weight"], kw["reduction"], kw["label_smoothing"])
+        torch.library.opcheck(ops.cross_entropy_prob_forward, args)
+        loss, lse, swt = ops.cross_entropy_prob_forward(*args)
+        for input_grad, target_grad in [(True, True), (True, False), (False, True)]:
+            torch.library.opcheck(ops.cross_entropy_prob_backward,
+                                  (torch.ones_like(loss), x.detach(), t.detach(), kw["weight"], lse.detach(),
+                                   swt.detach(), kw["reduction"], kw["label_smoothing"], input_grad, target_grad))
