@@ -1,0 +1,1 @@
+"""The fused_loss benchmark runner: `python -m benchmarks --help`."""

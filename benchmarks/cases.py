@@ -1,0 +1,94 @@
+"""Benchmark cases, defined once per loss: shapes users care about, a sweep for plots, the
+inputs of a case and the fewest bytes its loss must move (the memory floor)."""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Case:
+    loss: str
+    shape: Tuple[int, ...]
+    dtype: str
+    label: str = ""
+    sweep: str = ""  # name of the sweep this case belongs to ("" if none)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def shape_str(self) -> str:
+        return "x".join(str(s) for s in self.shape)
+
+
+@dataclass
+class LossSpec:
+    """make_inputs(case, device) -> (args, kwargs): the positional tensors (the first one is
+    differentiated) and the options. floor_bytes(case, mode) -> bytes a perfect kernel moves."""
+    make_inputs: Callable
+    floor_bytes: Callable
+    presets: Dict[str, List[Case]] = field(default_factory=dict)
+
+
+# --- cross-entropy ---------------------------------------------------------------------------
+
+def _ce_inputs(case: Case, device: str):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    n, c = case.shape[0], case.shape[1]
+    x = torch.randn(case.shape, generator=gen).to(device=device, dtype=case.torch_dtype)
+    t = torch.randint(0, c, (n, *case.shape[2:]), generator=gen).to(device)
+    return (x, t), {}
+
+
+def _ce_floor(case: Case, mode: str) -> int:
+    """Forward reads the logits once; the backward (and forward+backward) reads them once
+    and writes the gradient once."""
+    n = 1
+    for s in case.shape:
+        n *= s
+    logits = n * torch.empty((), dtype=case.torch_dtype).element_size()
+    return logits if mode == "forward" else 2 * logits
+
+
+def _ce_cases():
+    llm = [((4096, 32000), "float32", "LLM head, 32k vocab"), ((4096, 32000), "bfloat16", "LLM head, 32k vocab"),
+           ((2048, 128256), "float32", "LLM head, 128k vocab")]
+    default = [Case("cross_entropy", s, d, label) for s, d, label in llm]
+    sweep = [Case("cross_entropy", (1024, c), d, f"vocab sweep, C={c}", sweep="vocab")
+             for d in ("float32", "bfloat16") for c in (8192, 32000, 65536, 128256, 256000)]
+    extra = [Case("cross_entropy", (8192, 256000), "bfloat16", "LLM head, 256k vocab"),
+             Case("cross_entropy", (8, 21, 256, 256), "float32", "segmentation, 21 classes")]
+    quick = [Case("cross_entropy", (64, c), "float32", "tiny", sweep="tiny") for c in (1000, 4000)]
+    quick.append(Case("cross_entropy", (32, 5000), "bfloat16", "tiny"))
+    return {"default": default, "full": default + sweep + extra, "sweep": sweep, "quick": quick}
+
+
+LOSSES: Dict[str, LossSpec] = {
+    "cross_entropy": LossSpec(_ce_inputs, _ce_floor, _ce_cases()),
+}
+
+
+def parse_shape(text: str) -> Tuple[int, ...]:
+    """'4096x32000' -> (4096, 32000)."""
+    return tuple(int(s) for s in text.lower().split("x") if s)
+
+
+def select_cases(losses, sizes: str, dtypes=None) -> List[Case]:
+    """Cases of `losses` from a preset name (quick/default/full/sweep) or explicit shapes
+    ("4096x32000,1024x128256"), optionally restricted to `dtypes`."""
+    out = []
+    for loss in losses:
+        spec = LOSSES[loss]
+        if sizes in spec.presets:
+            cases = list(spec.presets[sizes])
+        else:
+            shapes = [parse_shape(s) for s in sizes.split(",") if s]  # "4096x32000,1024x128256"
+            cases = [Case(loss, s, d, "custom") for s in shapes for d in (dtypes or ["float32"])]
+        if dtypes:
+            cases = [c for c in cases if c.dtype in dtypes]
+        out += cases
+    return out
