@@ -31,4 +31,25 @@ TORCH_LIBRARY(fused_loss, m) {
   m.def(
       "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
       "Tensor swt, int reduction, float label_smoothing, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+
+  // Elementwise losses. Forward returns the loss (per element for reduction 0, else a
+  // scalar); backward returns (grad_input, grad_target), each empty when not asked for.
+  m.def(
+      "binary_cross_entropy_with_logits_forward(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+      "int reduction) -> Tensor");
+  m.def(
+      "binary_cross_entropy_with_logits_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, "
+      "Tensor? pos_weight, int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+  m.def("smooth_l1_loss_forward(Tensor input, Tensor target, int reduction, float beta) -> Tensor");
+  m.def(
+      "smooth_l1_loss_backward(Tensor grad, Tensor input, Tensor target, int reduction, float beta, bool input_grad, "
+      "bool target_grad) -> (Tensor, Tensor)");
+  m.def("huber_loss_forward(Tensor input, Tensor target, int reduction, float delta) -> Tensor");
+  m.def(
+      "huber_loss_backward(Tensor grad, Tensor input, Tensor target, int reduction, float delta, bool input_grad, "
+      "bool target_grad) -> (Tensor, Tensor)");
+  m.def("sigmoid_focal_loss_forward(Tensor input, Tensor target, int reduction, float alpha, float gamma) -> Tensor");
+  m.def(
+      "sigmoid_focal_loss_backward(Tensor grad, Tensor input, Tensor target, int reduction, float alpha, float gamma, "
+      "bool input_grad, bool target_grad) -> (Tensor, Tensor)");
 }

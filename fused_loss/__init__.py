@@ -11,8 +11,17 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
     ) from e
 
 from . import ops  # noqa: F401,E402  (fake kernels and autograd)
-from .functional import cross_entropy  # noqa: E402
-from .modules import CrossEntropyLoss  # noqa: E402
+from .functional import (  # noqa: E402
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    huber_loss,
+    sigmoid_focal_loss,
+    smooth_l1_loss,
+)
+from .modules import BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, SmoothL1Loss  # noqa: E402
 
-__all__ = ["cross_entropy", "CrossEntropyLoss"]
+__all__ = [
+    "cross_entropy", "binary_cross_entropy_with_logits", "smooth_l1_loss", "huber_loss", "sigmoid_focal_loss",
+    "CrossEntropyLoss", "BCEWithLogitsLoss", "SmoothL1Loss", "HuberLoss",
+]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """torch.nn.functional-style API: same names, arguments, defaults and results as torch."""
+import warnings
 from typing import Optional
 
 import torch
@@ -58,3 +59,97 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
     if weight is not None:
         weight = weight.to(dtype)
     return ops.cross_entropy_prob_forward(input, target, weight, red, float(label_smoothing))[0]
+
+
+def _legacy_reduction(size_average, reduce, reduction):
+    if size_average is not None or reduce is not None:
+        return _Reduction.legacy_get_string(size_average, reduce)
+    return reduction
+
+
+def _check_floating_input(input: Tensor, name: str):
+    if not input.dtype.is_floating_point:
+        raise NotImplementedError(f"fused_loss.{name}: expected a floating point input, got {input.dtype}")
+
+
+def binary_cross_entropy_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[Tensor] = None,
+) -> Tensor:
+    """Drop-in for torch.nn.functional.binary_cross_entropy_with_logits: one fused pass.
+    weight broadcasts to the input's shape; pos_weight along the last (class) dimension, as in
+    torch. Soft targets in [0, 1]; gradients w.r.t. input and target."""
+    red = reduction_enum(_legacy_reduction(size_average, reduce, reduction))
+    if target.size() != input.size():
+        raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
+    _check_floating_input(input, "binary_cross_entropy_with_logits")
+    if not target.dtype.is_floating_point:
+        raise RuntimeError(f"result type {input.dtype} can't be cast to the desired output type {target.dtype}")
+    dtype = torch.promote_types(input.dtype, target.dtype)  # torch promotes the target
+    input, target = input.to(dtype), target.to(dtype)
+    weight = None if weight is None else weight.to(dtype)
+    pos_weight = None if pos_weight is None else pos_weight.to(dtype)
+    return ops.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, red)
+
+
+def _broadcast_like_torch(input: Tensor, target: Tensor):
+    """torch's pointwise regression losses broadcast mismatched shapes, with a warning."""
+    if target.size() != input.size():
+        warnings.warn(
+            f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
+            "This will likely lead to incorrect results due to broadcasting. Please ensure they have the same size.",
+            stacklevel=3,
+        )
+        input, target = torch.broadcast_tensors(input, target)
+    return input, target
+
+
+def smooth_l1_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    beta: float = 1.0,
+) -> Tensor:
+    """Drop-in for torch.nn.functional.smooth_l1_loss (beta = 0 is L1, NaN-free)."""
+    red = reduction_enum(_legacy_reduction(size_average, reduce, reduction))
+    input, target = _broadcast_like_torch(input, target)
+    _check_floating_input(input, "smooth_l1_loss")
+    if beta < 0:
+        raise RuntimeError("smooth_l1_loss does not support negative values for beta.")
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    return ops.smooth_l1_loss_forward(input.to(dtype), target.to(dtype), red, float(beta))
+
+
+def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: float = 1.0,
+               weight: Optional[Tensor] = None) -> Tensor:
+    """Drop-in for torch.nn.functional.huber_loss."""
+    if weight is not None:
+        raise NotImplementedError("fused_loss.huber_loss: weight is not supported yet")
+    red = reduction_enum(reduction)
+    input, target = _broadcast_like_torch(input, target)
+    _check_floating_input(input, "huber_loss")
+    if delta <= 0:
+        raise RuntimeError("huber_loss does not support non-positive values for delta.")
+    return ops.huber_loss_forward(input, target.to(input.dtype), red, float(delta))  # torch keeps the input's dtype
+
+
+def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                       reduction: str = "none") -> Tensor:
+    """torchvision.ops.sigmoid_focal_loss in one fused pass: alpha_t * BCE * (1 - p_t)^gamma,
+    no alpha weighting when alpha < 0."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: "
+                         "'none', 'mean', 'sum'")
+    if targets.size() != inputs.size():
+        raise ValueError(f"Target size ({targets.size()}) must be the same as input size ({inputs.size()})")
+    _check_floating_input(inputs, "sigmoid_focal_loss")
+    dtype = torch.promote_types(inputs.dtype, targets.dtype)
+    return ops.sigmoid_focal_loss_forward(inputs.to(dtype), targets.to(dtype), REDUCTIONS[reduction], float(alpha),
+                                          float(gamma))

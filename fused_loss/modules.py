@@ -18,3 +18,41 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+
+class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
+    """Drop-in for torch.nn.BCEWithLogitsLoss (an instance of it too), with a fused kernel."""
+
+    def __init__(self, weight=None, size_average=None, reduce=None, reduction="mean", pos_weight=None):
+        super().__init__(weight, size_average, reduce, reduction, pos_weight)
+        F.reduction_enum(self.reduction)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(input, target, self.weight, pos_weight=self.pos_weight,
+                                                  reduction=self.reduction)
+
+
+class SmoothL1Loss(torch.nn.SmoothL1Loss):
+    """Drop-in for torch.nn.SmoothL1Loss, with a fused kernel."""
+
+    def __init__(self, size_average=None, reduce=None, reduction="mean", beta=1.0):
+        super().__init__(size_average, reduce, reduction, beta)
+        F.reduction_enum(self.reduction)
+        if self.beta < 0:
+            raise ValueError("smooth_l1_loss does not support negative values for beta.")
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)
+
+
+class HuberLoss(torch.nn.HuberLoss):
+    """Drop-in for torch.nn.HuberLoss, with a fused kernel."""
+
+    def __init__(self, reduction="mean", delta=1.0):
+        super().__init__(reduction, delta)
+        F.reduction_enum(self.reduction)
+        if self.delta <= 0:
+            raise ValueError("huber_loss does not support non-positive values for delta.")
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.huber_loss(input, target, reduction=self.reduction, delta=self.delta)

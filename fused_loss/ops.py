@@ -105,3 +105,77 @@ def _ce_prob_backward(ctx, grad_loss, grad_lse, grad_swt):
 
 
 register_autograd("fused_loss::cross_entropy_prob_forward", _ce_prob_backward, setup_context=_ce_prob_setup_context)
+
+
+# --- elementwise losses ----------------------------------------------------------------------
+# Each has <name>_forward(input, target, <tensor operands>, reduction, <params>) -> loss and
+# <name>_backward(grad, input, target, <tensor operands>, reduction, <params>, input_grad,
+# target_grad) -> (grad_input, grad_target).
+
+def _elementwise_fake_forward(input, target, reduction):
+    torch._check(input.dtype.is_floating_point, lambda: f"expected a floating point input, got {input.dtype}")
+    torch._check(target.shape == input.shape, lambda: "target must have the input's shape")
+    return input.new_empty(input.shape if reduction == 0 else ())
+
+
+def _elementwise_fake_backward(input, target, input_grad, target_grad):
+    dx = torch.empty_like(input, memory_format=torch.contiguous_format) if input_grad else input.new_empty((0,))
+    dt = torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else target.new_empty((0,))
+    return dx, dt
+
+
+@register_fake("fused_loss::binary_cross_entropy_with_logits_forward")
+def _(input, target, weight, pos_weight, reduction):
+    return _elementwise_fake_forward(input, target, reduction)
+
+
+@register_fake("fused_loss::binary_cross_entropy_with_logits_backward")
+def _(grad, input, target, weight, pos_weight, reduction, input_grad, target_grad):
+    return _elementwise_fake_backward(input, target, input_grad, target_grad)
+
+
+for _name in ("smooth_l1_loss", "huber_loss"):
+    register_fake(f"fused_loss::{_name}_forward")(
+        lambda input, target, reduction, param: _elementwise_fake_forward(input, target, reduction))
+    register_fake(f"fused_loss::{_name}_backward")(
+        lambda grad, input, target, reduction, param, input_grad, target_grad:
+        _elementwise_fake_backward(input, target, input_grad, target_grad))
+
+
+@register_fake("fused_loss::sigmoid_focal_loss_forward")
+def _(input, target, reduction, alpha, gamma):
+    return _elementwise_fake_forward(input, target, reduction)
+
+
+@register_fake("fused_loss::sigmoid_focal_loss_backward")
+def _(grad, input, target, reduction, alpha, gamma, input_grad, target_grad):
+    return _elementwise_fake_backward(input, target, input_grad, target_grad)
+
+
+def _register_elementwise_autograd(name: str, n_tensors: int):
+    """Autograd for <name>_forward whose first n_tensors arguments are tensors (input, target,
+    then optional weights, which get no gradient) and the rest plain options."""
+    backward_op = getattr(ops, f"{name}_backward")
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_tensors])
+        ctx.options = inputs[n_tensors:]
+
+    def backward(ctx, grad):
+        tensors = ctx.saved_tensors
+        if any(ctx.needs_input_grad[2:n_tensors]):
+            raise NotImplementedError(f"fused_loss.{name}: gradients w.r.t. weights are not implemented")
+        need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        none = [None] * (len(ctx.needs_input_grad) - 2)
+        if not (need_input or need_target):
+            return (None, None, *none)
+        dx, dt = backward_op(grad, *tensors, *ctx.options, need_input, need_target)
+        return (dx if need_input else None, dt if need_target else None, *none)
+
+    register_autograd(f"fused_loss::{name}_forward", backward, setup_context=setup_context)
+
+
+_register_elementwise_autograd("binary_cross_entropy_with_logits", 4)
+_register_elementwise_autograd("smooth_l1_loss", 2)
+_register_elementwise_autograd("huber_loss", 2)
+_register_elementwise_autograd("sigmoid_focal_loss", 2)

@@ -1,0 +1,328 @@
+// Fused elementwise losses on the CPU: BCE-with-logits, smooth L1, Huber and sigmoid focal
+// loss, each one pass over input and target.
+//
+// Forward reads input and target once and writes either the per-element loss ('none') or
+// nothing but per-chunk partial sums ('mean', 'sum'). Backward reads them once more and writes
+// the gradients; no other tensor of the input's size is made. The per-element math lives in
+// csrc/include/fused_loss/elementwise_math.h (shared with CUDA); this file only walks memory.
+//
+// Broadcast operands (weight, pos_weight) are read in place: for a contiguous input of n
+// elements an operand broadcast to the input's shape is data[(i / repeat) % period], so a
+// class weight (C,) is contiguous in runs of C and a per-row weight (N, 1) constant in runs
+// of C. Sums are taken per fixed chunk and added in order: bitwise the same for any number
+// of threads.
+#include <limits>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ExpandUtils.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "fused_loss/common.h"
+#include "vec_math.h"  // before elementwise_math.h: the vector primitives it calls
+#include "fused_loss/elementwise_math.h"
+#include "output_cache.h"
+
+namespace fused_loss::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+constexpr int64_t kChunk = 16384;  // elements per parallel task and per partial sum
+
+// A weight-like operand broadcast over the input (see the file comment); absent means 1.
+template <typename T>
+struct Operand {
+  const T* data = nullptr;
+  int64_t repeat = 1, period = 1;
+
+  int64_t index(int64_t i) const { return (i / repeat) % period; }
+  bool varies() const { return data && period > 1; }
+  // First element after i where the operand's run (constant, or contiguous when repeat == 1) ends.
+  int64_t run_end(int64_t i) const {
+    if (!varies()) return std::numeric_limits<int64_t>::max();
+    const int64_t unit = repeat > 1 ? repeat : period;
+    return (i / unit + 1) * unit;
+  }
+};
+
+// Keeps the operand's memory alive and describes it; `name` for error messages.
+template <typename T>
+Operand<T> make_operand(const std::optional<at::Tensor>& opt, const at::Tensor& input, at::Tensor& keep,
+                        const char* name) {
+  if (!opt.has_value() || !opt->defined()) return {};
+  const at::Tensor& w = *opt;
+  TORCH_CHECK(w.scalar_type() == input.scalar_type(), "fused_loss: ", name, " must have the input's dtype ",
+              input.scalar_type(), ", got ", w.scalar_type());
+  const auto sizes = input.sizes();
+  const auto shape = at::infer_size(w.sizes(), sizes);  // torch's error when they cannot broadcast
+  TORCH_CHECK(at::IntArrayRef(shape) == sizes, "output with shape ", sizes, " doesn't match the broadcast shape ",
+              at::IntArrayRef(shape));
+  const int64_t nd = int64_t(sizes.size()), off = nd - w.dim();
+  auto varies = [&](int64_t d) { return d >= off && w.size(d - off) != 1; };
+  int64_t a = -1, b = -1;
+  for (int64_t d = 0; d < nd; ++d) {
+    if (varies(d)) {
+      if (a < 0) a = d;
+      b = d;
+    }
+  }
+  Operand<T> op;
+  keep = w.contiguous();
+  if (a < 0) {  // a single value
+    op.data = keep.template data_ptr<T>();
+    return op;
+  }
+  bool block = true;  // do the varying dims form one block (no broadcast dim inside)?
+  for (int64_t d = a; d <= b; ++d) block = block && (varies(d) || sizes[d] == 1);
+  if (!block) {  // rare layouts, e.g. (N, 1, W) over (N, C, W): spell the operand out
+    keep = w.expand(sizes).contiguous();
+    a = 0, b = nd - 1;
+  }
+  op.data = keep.template data_ptr<T>();
+  op.period = 1;
+  for (int64_t d = a; d <= b; ++d) op.period *= sizes[d];
+  for (int64_t d = b + 1; d < nd; ++d) op.repeat *= sizes[d];
+  return op;
+}
+
+// Operand values for a segment in which it is constant or contiguous.
+template <typename T>
+struct SegmentOperand {
+  const T* ptr = nullptr;  // contiguous values at the segment start, or null
+  AccVec<T> value{1};      // the constant otherwise
+
+  SegmentOperand(const Operand<T>& op, int64_t start) {
+    if (!op.data) return;
+    const int64_t idx = op.index(start);
+    if (op.varies() && op.repeat == 1) ptr = op.data + idx;
+    else value = AccVec<T>(static_cast<acc_t<T>>(op.data[idx]));
+  }
+  AccVec<T> at(int64_t off, int64_t cnt) const { return ptr ? load_vec(ptr + off, cnt) : value; }
+};
+
+// Walks [begin, end) in segments over which both operands are constant or contiguous and
+// calls f(i, cnt, args) for each vector of `cnt` elements starting at element i.
+template <typename T, typename F>
+void for_each_vector(const T* x, const T* y, const Operand<T>& w, const Operand<T>& pw, int64_t begin, int64_t end,
+                     F f) {
+  using V = AccVec<T>;
+  for (int64_t s = begin; s < end;) {
+    const int64_t e = std::min({end, w.run_end(s), pw.run_end(s)});
+    const SegmentOperand<T> ws(w, s), pws(pw, s);
+    for (int64_t i = s; i < e; i += kLanes<T>) {
+      const int64_t cnt = std::min(kLanes<T>, e - i);
+      const ElemArgs<V> args{load_vec(x + i, cnt), load_vec(y + i, cnt), ws.at(i - s, cnt), pws.at(i - s, cnt)};
+      f(i, cnt, args);
+    }
+    s = e;
+  }
+}
+
+template <typename T, typename Op>
+at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& pos_weight, int64_t reduction, const Op& op) {
+  using A = acc_t<T>;
+  using V = AccVec<T>;
+  const Reduction red = to_reduction(reduction);
+  const at::Tensor x = input.contiguous(), y = target.contiguous();
+  at::Tensor keep_w, keep_pw;
+  const Operand<T> w = make_operand<T>(weight, x, keep_w, "weight");
+  const Operand<T> pw = make_operand<T>(pos_weight, x, keep_pw, "pos_weight");
+  const int64_t n = x.numel(), chunks = (n + kChunk - 1) / kChunk;
+  const T* xp = x.data_ptr<T>();
+  const T* yp = y.data_ptr<T>();
+  if (red == Reduction::None) {
+    at::Tensor out = empty_cached(x.sizes(), x.options());
+    T* op_out = out.data_ptr<T>();
+    at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        for_each_vector<T>(xp, yp, w, pw, c * kChunk, std::min(n, (c + 1) * kChunk),
+                           [&](int64_t i, int64_t cnt, const ElemArgs<V>& a) { store_vec(op_out + i, op.loss(a), cnt); });
+      }
+    });
+    return out;
+  }
+  std::vector<double> partial(chunks, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      V acc(0);
+      for_each_vector<T>(xp, yp, w, pw, c * kChunk, std::min(n, (c + 1) * kChunk),
+                         [&](int64_t, int64_t cnt, const ElemArgs<V>& a) { acc += keep_first(op.loss(a), cnt, A(0)); });
+      partial[c] = double(reduce_sum(acc));
+    }
+  });
+  double total = 0;
+  for (double p : partial) total += p;
+  if (red == Reduction::Mean) total /= double(n);  // 0 / 0 is NaN, as in torch
+  return at::scalar_tensor(total, input.options());
+}
+
+template <typename T, typename Op>
+std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& input,
+                                                 const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                                                 const std::optional<at::Tensor>& pos_weight, int64_t reduction,
+                                                 bool input_grad, bool target_grad, const Op& op) {
+  using A = acc_t<T>;
+  using V = AccVec<T>;
+  const Reduction red = to_reduction(reduction);
+  const at::Tensor x = input.contiguous(), y = target.contiguous();
+  at::Tensor keep_w, keep_pw;
+  const Operand<T> w = make_operand<T>(weight, x, keep_w, "weight");
+  const Operand<T> pw = make_operand<T>(pos_weight, x, keep_pw, "pos_weight");
+  const int64_t n = x.numel(), chunks = (n + kChunk - 1) / kChunk;
+  at::Tensor dx = input_grad ? empty_cached(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor dy = target_grad ? empty_cached(y.sizes(), y.options()) : at::empty({0}, y.options());
+  if (!input_grad && !target_grad) return {dx, dy};
+  // Upstream gradient: per element for 'none', else one scalar (divided by n for 'mean').
+  at::Tensor g_elems;
+  A g_all = A(0);
+  if (red == Reduction::None) {
+    TORCH_CHECK(grad.sizes() == x.sizes(), "fused_loss: expected a gradient of shape ", x.sizes(), ", got ", grad.sizes());
+    g_elems = grad.to(x.scalar_type()).contiguous();
+  } else {
+    TORCH_CHECK(grad.numel() == 1, "fused_loss: expected a scalar gradient, got shape ", grad.sizes());
+    double g = grad.item<double>();
+    if (red == Reduction::Mean) g /= double(n);
+    g_all = A(g);
+  }
+  const T* xp = x.data_ptr<T>();
+  const T* yp = y.data_ptr<T>();
+  const T* gp = g_elems.defined() ? g_elems.data_ptr<T>() : nullptr;
+  T* dxp = input_grad ? dx.data_ptr<T>() : nullptr;
+  T* dyp = target_grad ? dy.data_ptr<T>() : nullptr;
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      for_each_vector<T>(xp, yp, w, pw, c * kChunk, std::min(n, (c + 1) * kChunk),
+                         [&](int64_t i, int64_t cnt, const ElemArgs<V>& a) {
+                           const V g = gp ? load_vec(gp + i, cnt) : V(g_all);
+                           const ElemGrads<V> d = op.grads(a);
+                           if (dxp) store_vec(dxp + i, d.dx * g, cnt);
+                           if (dyp) store_vec(dyp + i, d.dy * g, cnt);
+                         });
+    }
+  });
+  return {dx, dy};
+}
+
+void check_pair(const at::Tensor& input, const at::Tensor& target, const char* name) {
+  TORCH_CHECK(input.device().is_cpu(), "fused_loss.", name, " (CPU kernel): input must be a CPU tensor");
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "fused_loss.", name, ": expected a floating point input, got ",
+              input.scalar_type());
+  TORCH_CHECK_VALUE(target.sizes() == input.sizes(), "Target size (", target.sizes(), ") must be the same as input size (",
+                    input.sizes(), ")");
+  TORCH_CHECK(target.scalar_type() == input.scalar_type(), "fused_loss.", name, ": target must have the input's dtype ",
+              input.scalar_type(), ", got ", target.scalar_type());
+}
+
+// Dispatches on the input dtype and runs `impl<scalar_t>()`.
+template <typename F>
+auto dispatch_float(const at::Tensor& input, F impl) {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_elementwise",
+                                         [&] { return impl(scalar_t{}); });
+}
+
+// ---------------------------------------------------------------------------------
+// Operator entry points
+
+at::Tensor bce_with_logits_forward_cpu(const at::Tensor& input, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& weight,
+                                       const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
+  check_pair(input, target, "binary_cross_entropy_with_logits");
+  return dispatch_float(input, [&](auto t) {
+    return forward_impl<decltype(t)>(input, target, weight, pos_weight, reduction, BceWithLogits{});
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                                                const at::Tensor& target,
+                                                                const std::optional<at::Tensor>& weight,
+                                                                const std::optional<at::Tensor>& pos_weight,
+                                                                int64_t reduction, bool input_grad, bool target_grad) {
+  check_pair(input, target, "binary_cross_entropy_with_logits");
+  return dispatch_float(input, [&](auto t) {
+    return backward_impl<decltype(t)>(grad, input, target, weight, pos_weight, reduction, input_grad, target_grad,
+                                      BceWithLogits{});
+  });
+}
+
+void check_beta(double beta) {
+  TORCH_CHECK(beta >= 0, "smooth_l1_loss does not support negative values for beta.");
+}
+
+void check_delta(double delta) {
+  TORCH_CHECK(delta > 0, "huber_loss does not support non-positive values for delta.");
+}
+
+at::Tensor smooth_l1_forward_cpu(const at::Tensor& input, const at::Tensor& target, int64_t reduction, double beta) {
+  check_pair(input, target, "smooth_l1_loss");
+  check_beta(beta);
+  return dispatch_float(input, [&](auto t) {
+    return forward_impl<decltype(t)>(input, target, std::nullopt, std::nullopt, reduction, SmoothL1{beta});
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> smooth_l1_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                                          const at::Tensor& target, int64_t reduction, double beta,
+                                                          bool input_grad, bool target_grad) {
+  check_pair(input, target, "smooth_l1_loss");
+  check_beta(beta);
+  return dispatch_float(input, [&](auto t) {
+    return backward_impl<decltype(t)>(grad, input, target, std::nullopt, std::nullopt, reduction, input_grad,
+                                      target_grad, SmoothL1{beta});
+  });
+}
+
+at::Tensor huber_forward_cpu(const at::Tensor& input, const at::Tensor& target, int64_t reduction, double delta) {
+  check_pair(input, target, "huber_loss");
+  check_delta(delta);
+  return dispatch_float(input, [&](auto t) {
+    return forward_impl<decltype(t)>(input, target, std::nullopt, std::nullopt, reduction, Huber{delta});
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> huber_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                                      const at::Tensor& target, int64_t reduction, double delta,
+                                                      bool input_grad, bool target_grad) {
+  check_pair(input, target, "huber_loss");
+  check_delta(delta);
+  return dispatch_float(input, [&](auto t) {
+    return backward_impl<decltype(t)>(grad, input, target, std::nullopt, std::nullopt, reduction, input_grad,
+                                      target_grad, Huber{delta});
+  });
+}
+
+at::Tensor sigmoid_focal_forward_cpu(const at::Tensor& input, const at::Tensor& target, int64_t reduction,
+                                     double alpha, double gamma) {
+  check_pair(input, target, "sigmoid_focal_loss");
+  return dispatch_float(input, [&](auto t) {
+    return forward_impl<decltype(t)>(input, target, std::nullopt, std::nullopt, reduction, SigmoidFocal{alpha, gamma});
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> sigmoid_focal_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                                              const at::Tensor& target, int64_t reduction, double alpha,
+                                                              double gamma, bool input_grad, bool target_grad) {
+  check_pair(input, target, "sigmoid_focal_loss");
+  return dispatch_float(input, [&](auto t) {
+    return backward_impl<decltype(t)>(grad, input, target, std::nullopt, std::nullopt, reduction, input_grad,
+                                      target_grad, SigmoidFocal{alpha, gamma});
+  });
+}
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+}  // namespace fused_loss::cpu
+
+TORCH_LIBRARY_IMPL(fused_loss, CPU, m) {
+  using namespace fused_loss::cpu;
+  m.impl("binary_cross_entropy_with_logits_forward", &bce_with_logits_forward_cpu);
+  m.impl("binary_cross_entropy_with_logits_backward", &bce_with_logits_backward_cpu);
+  m.impl("smooth_l1_loss_forward", &smooth_l1_forward_cpu);
+  m.impl("smooth_l1_loss_backward", &smooth_l1_backward_cpu);
+  m.impl("huber_loss_forward", &huber_forward_cpu);
+  m.impl("huber_loss_backward", &huber_backward_cpu);
+  m.impl("sigmoid_focal_loss_forward", &sigmoid_focal_forward_cpu);
+  m.impl("sigmoid_focal_loss_backward", &sigmoid_focal_backward_cpu);
+}

@@ -1,0 +1,158 @@
+// Per-element math of the elementwise losses (BCE-with-logits, smooth L1, Huber, sigmoid
+// focal loss), shared by the CPU and CUDA kernels.
+//
+// Every function is a template over V: a scalar (float/double, host or device) or a CPU
+// vector (at::vec::Vectorized<float/double>). A backend provides the primitives for its V:
+//   fl_exp, fl_log1p, fl_abs, fl_max, fl_min, fl_sign, fl_where_ge0(c, a, b) = c >= 0 ? a : b,
+//   fl_where_lt(c, d, a, b) = c < d ? a : b, fl_pow(x, p) with p a scalar.
+// The scalar primitives are defined here; csrc/cpu/vec_math.h declares the vector ones and
+// must be included before this header (unqualified calls in templates see the overloads
+// declared before them).
+#pragma once
+
+#include <cmath>
+
+#include "fused_loss/cross_entropy_math.h"  // FL_HOST_DEVICE
+
+namespace fused_loss {
+
+// --- scalar primitives ---------------------------------------------------------------------
+template <typename S>
+FL_HOST_DEVICE S fl_exp(S x) { return std::exp(x); }
+template <typename S>
+FL_HOST_DEVICE S fl_log1p(S x) { return std::log1p(x); }
+template <typename S>
+FL_HOST_DEVICE S fl_abs(S x) { return x < S(0) ? -x : x; }
+template <typename S>
+FL_HOST_DEVICE S fl_max(S a, S b) { return a < b ? b : a; }
+template <typename S>
+FL_HOST_DEVICE S fl_min(S a, S b) { return b < a ? b : a; }
+template <typename S>
+FL_HOST_DEVICE S fl_sign(S x) { return S((S(0) < x) - (x < S(0))); }
+template <typename S>
+FL_HOST_DEVICE S fl_where_ge0(S c, S a, S b) { return c >= S(0) ? a : b; }
+template <typename S>
+FL_HOST_DEVICE S fl_where_lt(S c, S d, S a, S b) { return c < d ? a : b; }
+template <typename S, typename P>
+FL_HOST_DEVICE S fl_pow(S x, P p) { return std::pow(x, S(p)); }
+
+// Inputs of one element: logit or prediction x, target y, and up to two broadcast operands
+// (BCE: weight w and pos_weight pw; the others: weight w only, 1 when absent).
+template <typename V>
+struct ElemArgs {
+  V x, y, w, pw;
+};
+
+// Loss and gradients of one element (before the upstream gradient is applied).
+template <typename V>
+struct ElemGrads {
+  V dx, dy;
+};
+
+// --- BCE with logits -------------------------------------------------------------------------
+// loss = (1 - y) x + lw * softplus(-x),  lw = 1 + (pw - 1) y,  softplus(-x) = -log(sigmoid(x))
+//      = log1p(exp(-|x|)) + max(-x, 0)   (stable for any x)
+// d/dx = (1 - y) - lw * sigmoid(-x),     d/dy = -x + (pw - 1) * softplus(-x)
+// pw is 1 without pos_weight. One exp serves the loss and both gradients.
+struct BceWithLogits {
+  template <typename V>
+  FL_HOST_DEVICE V loss(const ElemArgs<V>& a) const {
+    const V sp = fl_log1p(fl_exp(V(0) - fl_abs(a.x))) + fl_max(V(0) - a.x, V(0));
+    const V lw = V(1) + (a.pw - V(1)) * a.y;
+    return a.w * ((V(1) - a.y) * a.x + lw * sp);
+  }
+  template <typename V>
+  FL_HOST_DEVICE ElemGrads<V> grads(const ElemArgs<V>& a) const {
+    const V e = fl_exp(V(0) - fl_abs(a.x));
+    const V sig_neg = fl_where_ge0(a.x, e, V(1)) / (V(1) + e);  // sigmoid(-x)
+    const V lw = V(1) + (a.pw - V(1)) * a.y;
+    const V sp = fl_log1p(e) + fl_max(V(0) - a.x, V(0));
+    return {a.w * ((V(1) - a.y) - lw * sig_neg), a.w * ((a.pw - V(1)) * sp - a.x)};
+  }
+};
+
+// --- smooth L1 and Huber ---------------------------------------------------------------------
+// d = x - y. Smooth L1: |d| < beta ? d^2 / (2 beta) : |d| - beta / 2; beta = 0 is L1, whose
+// gradient is sign(d) (0 at d = 0), with no division by beta anywhere.
+// Huber: |d| < delta ? d^2 / 2 : delta (|d| - delta / 2) = beta * smooth L1 with beta = delta.
+struct SmoothL1 {
+  double beta;
+  template <typename V>
+  FL_HOST_DEVICE V loss(const ElemArgs<V>& a) const {
+    const V d = a.x - a.y, ad = fl_abs(d);
+    if (beta == 0.0) return a.w * ad;
+    return a.w * fl_where_lt(ad, V(beta), V(0.5) * d * d / V(beta), ad - V(0.5 * beta));
+  }
+  template <typename V>
+  FL_HOST_DEVICE ElemGrads<V> grads(const ElemArgs<V>& a) const {
+    const V d = a.x - a.y;
+    const V g = beta == 0.0 ? fl_sign(d) : fl_where_lt(fl_abs(d), V(beta), d / V(beta), fl_sign(d));
+    return {a.w * g, V(0) - a.w * g};
+  }
+};
+
+struct Huber {
+  double delta;
+  template <typename V>
+  FL_HOST_DEVICE V loss(const ElemArgs<V>& a) const {
+    const V d = a.x - a.y, ad = fl_abs(d);
+    return a.w * fl_where_lt(ad, V(delta), V(0.5) * d * d, V(delta) * (ad - V(0.5 * delta)));
+  }
+  template <typename V>
+  FL_HOST_DEVICE ElemGrads<V> grads(const ElemArgs<V>& a) const {
+    const V d = a.x - a.y;
+    const V g = fl_where_lt(fl_abs(d), V(delta), d, V(delta) * fl_sign(d));
+    return {a.w * g, V(0) - a.w * g};
+  }
+};
+
+// --- sigmoid focal loss (torchvision.ops.sigmoid_focal_loss) ------------------------------------
+// s = sigmoid(x), ce = BCE-with-logits(x, y), p_t = s y + (1 - s)(1 - y), m = 1 - p_t,
+// loss = a_t ce m^gamma with a_t = alpha y + (1 - alpha)(1 - y) when alpha >= 0, else 1.
+// Gradients follow torch autograd of that formula, including d(m^gamma)/dm = 0 for gamma = 0.
+struct SigmoidFocal {
+  double alpha, gamma;
+
+  template <typename V>
+  FL_HOST_DEVICE V pow_gamma(V m) const {
+    if (gamma == 2.0) return m * m;  // the common case, exact and cheap
+    if (gamma == 0.0) return V(1);
+    return fl_pow(m, gamma);
+  }
+  // d(m^gamma)/dm, as torch's pow backward: gamma * m^(gamma - 1), 0 when gamma == 0.
+  template <typename V>
+  FL_HOST_DEVICE V dpow_gamma(V m) const {
+    if (gamma == 2.0) return V(2) * m;
+    if (gamma == 0.0) return V(0);
+    if (gamma == 1.0) return V(1);
+    return V(gamma) * fl_pow(m, gamma - 1.0);
+  }
+  template <typename V>
+  FL_HOST_DEVICE V alpha_t(V y) const {
+    return alpha >= 0 ? V(alpha) * y + V(1 - alpha) * (V(1) - y) : V(1);
+  }
+  template <typename V>
+  FL_HOST_DEVICE V loss(const ElemArgs<V>& a) const {
+    const V e = fl_exp(V(0) - fl_abs(a.x));
+    const V s = fl_where_ge0(a.x, V(1), e) / (V(1) + e);  // sigmoid(x)
+    const V ce = (V(1) - a.y) * a.x + fl_log1p(e) + fl_max(V(0) - a.x, V(0));
+    const V m = V(1) - (s * a.y + (V(1) - s) * (V(1) - a.y));
+    return alpha_t(a.y) * ce * pow_gamma(m);
+  }
+  template <typename V>
+  FL_HOST_DEVICE ElemGrads<V> grads(const ElemArgs<V>& a) const {
+    const V e = fl_exp(V(0) - fl_abs(a.x));
+    const V s = fl_where_ge0(a.x, V(1), e) / (V(1) + e);
+    const V ce = (V(1) - a.y) * a.x + fl_log1p(e) + fl_max(V(0) - a.x, V(0));
+    const V m = V(1) - (s * a.y + (V(1) - s) * (V(1) - a.y));
+    const V at = alpha_t(a.y), mg = pow_gamma(m), dmg = dpow_gamma(m);
+    const V two_y_1 = V(2) * a.y - V(1), two_s_1 = V(2) * s - V(1);
+    // dm/dx = -s (1 - s) (2y - 1);  dm/dy = -(2s - 1);  dce/dx = s - y;  dce/dy = -x
+    const V dx = at * ((s - a.y) * mg - ce * dmg * s * (V(1) - s) * two_y_1);
+    const V dat = alpha >= 0 ? V(2 * alpha - 1) : V(0);
+    const V dy = dat * ce * mg + at * ((V(0) - a.x) * mg - ce * dmg * two_s_1);
+    return {dx, dy};
+  }
+};
+
+}  // namespace fused_loss
