@@ -42,3 +42,20 @@ def test_compile_fullgraph_probability_targets_in_a_model():
     got.backward()
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(model.weight.grad, ref_grad)
+
+
+def test_compile_fullgraph_elementwise_losses():
+    torch._dynamo.reset()
+    pos_weight = torch.rand(7) + 0.5
+
+    def losses(x, y):
+        return (fused_loss.binary_cross_entropy_with_logits(x, y, pos_weight=pos_weight)
+                + fused_loss.smooth_l1_loss(x, y, beta=0.5) + fused_loss.huber_loss(x, y, delta=0.5)
+                + fused_loss.sigmoid_focal_loss(x, y, reduction="mean"))
+
+    x, y = torch.randn(5, 7), torch.rand(5, 7)
+    compiled = torch.compile(losses, fullgraph=True)
+    eager = _loss_and_grad(losses, x, y)
+    got = _loss_and_grad(compiled, x, y)
+    torch.testing.assert_close(got[0], eager[0])
+    torch.testing.assert_close(got[1], eager[1])

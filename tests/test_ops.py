@@ -51,3 +51,28 @@ def test_opcheck_cross_entropy_prob_forward_and_backward(requires_grad):
             torch.library.opcheck(ops.cross_entropy_prob_backward,
                                   (torch.ones_like(loss), x.detach(), t.detach(), kw["weight"], lse.detach(),
                                    swt.detach(), kw["reduction"], kw["label_smoothing"], input_grad, target_grad))
+
+
+def _elementwise_samples(requires_grad):
+    x = torch.randn(6, 5, requires_grad=requires_grad)
+    y = torch.rand(6, 5, requires_grad=requires_grad)
+    return [
+        ("binary_cross_entropy_with_logits", (x, y, torch.rand(5), torch.rand(5) + 0.5), 1, ()),
+        ("binary_cross_entropy_with_logits", (x, y, None, None), 0, ()),
+        ("smooth_l1_loss", (x, y), 1, (0.5,)),
+        ("smooth_l1_loss", (x, y), 0, (0.0,)),
+        ("huber_loss", (x, y), 2, (0.5,)),
+        ("sigmoid_focal_loss", (x, y), 0, (0.25, 2.0)),
+        ("sigmoid_focal_loss", (x, y), 1, (-1.0, 1.5)),
+    ]
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_elementwise_losses(requires_grad):
+    for name, tensors, reduction, params in _elementwise_samples(requires_grad):
+        fwd, bwd = getattr(ops, f"{name}_forward"), getattr(ops, f"{name}_backward")
+        torch.library.opcheck(fwd, (*tensors, reduction, *params))
+        loss = fwd(*tensors, reduction, *params)
+        detached = tuple(t.detach() if torch.is_tensor(t) else t for t in tensors)
+        for flags in [(True, True), (True, False), (False, True)]:
+            torch.library.opcheck(bwd, (torch.ones_like(loss), *detached, reduction, *params, *flags))
