@@ -67,8 +67,60 @@ def _ce_cases():
     return {"default": default, "full": default + sweep + extra, "sweep": sweep, "quick": quick}
 
 
+# --- elementwise losses (BCE-with-logits, smooth L1, Huber, sigmoid focal) ------------------------
+
+def _elementwise_inputs(options=None, binary_targets=False):
+    """make_inputs for a loss of (input, target) of one shape; `options(case, device)` adds
+    keyword arguments such as a pos_weight over the last dimension."""
+    def make(case: Case, device: str):
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = (torch.randn(case.shape, generator=gen) * 2).to(device=device, dtype=case.torch_dtype)
+        y = torch.rand(case.shape, generator=gen)
+        y = (y > 0.5).float() if binary_targets else y
+        kw = options(case, device) if options else {}
+        return (x, y.to(device=device, dtype=case.torch_dtype)), kw
+    return make
+
+
+def _elementwise_floor(case: Case, mode: str) -> int:
+    """Forward reads input and target; backward (and forward + backward) reads them and
+    writes the input's gradient."""
+    n = 1
+    for s in case.shape:
+        n *= s
+    size = torch.empty((), dtype=case.torch_dtype).element_size()
+    return n * size * (2 if mode == "forward" else 3)
+
+
+def _pos_weight(case, device):
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    return {"pos_weight": (torch.rand(case.shape[-1:], generator=gen) * 3).to(device=device, dtype=case.torch_dtype)}
+
+
+def _elementwise_cases(loss, default_shapes, label, sweep_shapes, quick_shape):
+    default = [Case(loss, s, d, label) for s in default_shapes for d in ("float32", "bfloat16")]
+    sweep = [Case(loss, s, "float32", f"{label} sweep", sweep="numel") for s in sweep_shapes]
+    return {"default": default, "full": default + sweep, "sweep": sweep,
+            "quick": [Case(loss, quick_shape, "float32", "tiny")]}
+
+
 LOSSES: Dict[str, LossSpec] = {
     "cross_entropy": LossSpec(_ce_inputs, _ce_floor, _ce_cases()),
+    "binary_cross_entropy_with_logits": LossSpec(
+        _elementwise_inputs(_pos_weight), _elementwise_floor,
+        _elementwise_cases("binary_cross_entropy_with_logits", [(8192, 1000)], "multi-label head, pos_weight",
+                           [(1024, 1000), (8192, 1000), (65536, 1000)], (64, 100))),
+    "smooth_l1_loss": LossSpec(
+        _elementwise_inputs(), _elementwise_floor,
+        _elementwise_cases("smooth_l1_loss", [(1 << 24,)], "box regression, 2^24 elements",
+                           [(1 << 16,), (1 << 20,), (1 << 24,)], (4096,))),
+    "huber_loss": LossSpec(
+        _elementwise_inputs(), _elementwise_floor,
+        _elementwise_cases("huber_loss", [(1 << 24,)], "regression, 2^24 elements", [], (4096,))),
+    "sigmoid_focal_loss": LossSpec(
+        _elementwise_inputs(lambda case, device: {"reduction": "mean"}, binary_targets=True), _elementwise_floor,
+        _elementwise_cases("sigmoid_focal_loss", [(8192, 1000)], "detection head (RetinaNet)",
+                           [(1024, 1000), (8192, 1000), (65536, 1000)], (64, 100))),
 }
 
 

@@ -1,4 +1,5 @@
 """Timing, peak memory and copy bandwidth, on the CPU and on CUDA."""
+import ctypes
 import statistics
 import time
 from typing import Callable, List
@@ -52,8 +53,9 @@ def _status_bytes(field: str) -> int:
 def peak_memory(setup: Callable, step: Callable, device: str) -> int:
     """Bytes the step adds at its peak. CUDA: max_memory_allocated above the start.
     CPU: the peak resident set (VmHWM, reset through /proc/self/clear_refs) above the
-    resident set at the start, with fused_loss's output cache emptied first, so that every
-    provider's buffers count as new memory. -1 where it cannot be measured."""
+    resident set at the start, with fused_loss's output cache emptied and glibc's free heap
+    returned to the OS first (malloc_trim), so that every provider's buffers count as new
+    memory. -1 where it cannot be measured."""
     state = setup()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -63,6 +65,7 @@ def peak_memory(setup: Callable, step: Callable, device: str) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     torch.ops.fused_loss.empty_cache()
+    _malloc_trim()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -71,6 +74,14 @@ def peak_memory(setup: Callable, step: Callable, device: str) -> int:
         return _status_bytes("VmHWM") - base
     except OSError:
         return -1
+
+
+def _malloc_trim():
+    """Return glibc's free heap pages to the OS, where glibc is the allocator."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def copy_bandwidth(device: str, nbytes: int = 256 << 20, reps: int = 10) -> float:

@@ -69,6 +69,14 @@ def test_bce_extreme_logits_and_hard_targets():
             pos_weight=torch.tensor([3.0]), reduction="none")
 
 
+def test_nan_and_inf_logits_like_torch():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5, 2.0, -3.0])
+    y = torch.tensor([0.3, 1.0, 0.0, 0.2, 1.0, 0.0])
+    compare(fused_loss.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, [x, y],
+            reduction="none")
+    compare(fused_loss.sigmoid_focal_loss, reference.sigmoid_focal_loss, [x[[0, 3, 4, 5]], y[[0, 3, 4, 5]]])
+
+
 def test_bce_non_contiguous_and_promotion():
     x = torch.randn(40, 30).t()
     y = torch.rand(30, 80)[:, ::2]

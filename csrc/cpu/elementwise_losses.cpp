@@ -197,9 +197,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
       for_each_vector<T>(xp, yp, w, pw, c * kChunk, std::min(n, (c + 1) * kChunk),
                          [&](int64_t i, int64_t cnt, const ElemArgs<V>& a) {
                            const V g = gp ? load_vec(gp + i, cnt) : V(g_all);
-                           const ElemGrads<V> d = op.grads(a);
-                           if (dxp) store_vec(dxp + i, d.dx * g, cnt);
-                           if (dyp) store_vec(dyp + i, d.dy * g, cnt);
+                           if (dxp) store_vec(dxp + i, op.grad_input(a) * g, cnt);
+                           if (dyp) store_vec(dyp + i, op.grad_target(a) * g, cnt);
                          });
     }
   });
@@ -231,7 +230,7 @@ at::Tensor bce_with_logits_forward_cpu(const at::Tensor& input, const at::Tensor
                                        const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
   check_pair(input, target, "binary_cross_entropy_with_logits");
   return dispatch_float(input, [&](auto t) {
-    return forward_impl<decltype(t)>(input, target, weight, pos_weight, reduction, BceWithLogits{});
+    return forward_impl<decltype(t)>(input, target, weight, pos_weight, reduction, BceWithLogits{pos_weight.has_value()});
   });
 }
 
@@ -243,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cpu(const at::Tensor
   check_pair(input, target, "binary_cross_entropy_with_logits");
   return dispatch_float(input, [&](auto t) {
     return backward_impl<decltype(t)>(grad, input, target, weight, pos_weight, reduction, input_grad, target_grad,
-                                      BceWithLogits{});
+                                      BceWithLogits{pos_weight.has_value()});
   });
 }
 

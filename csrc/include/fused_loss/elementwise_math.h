@@ -4,7 +4,8 @@
 // Every function is a template over V: a scalar (float/double, host or device) or a CPU
 // vector (at::vec::Vectorized<float/double>). A backend provides the primitives for its V:
 //   fl_exp, fl_log1p, fl_abs, fl_max, fl_min, fl_sign, fl_where_ge0(c, a, b) = c >= 0 ? a : b,
-//   fl_where_lt(c, d, a, b) = c < d ? a : b, fl_pow(x, p) with p a scalar.
+//   fl_where_lt(c, d, a, b) = c < d ? a : b, fl_pow(x, p) with p a scalar, fl_nan_or(x, v) =
+//   x if x is NaN else v (the fast exp clamps NaN, so NaN inputs are carried explicitly).
 // The scalar primitives are defined here; csrc/cpu/vec_math.h declares the vector ones and
 // must be included before this header (unqualified calls in templates see the overloads
 // declared before them).
@@ -35,6 +36,8 @@ template <typename S>
 FL_HOST_DEVICE S fl_where_lt(S c, S d, S a, S b) { return c < d ? a : b; }
 template <typename S, typename P>
 FL_HOST_DEVICE S fl_pow(S x, P p) { return std::pow(x, S(p)); }
+template <typename S>
+FL_HOST_DEVICE S fl_nan_or(S x, S v) { return x != x ? x : v; }  // x if x is NaN, else v
 
 // Inputs of one element: logit or prediction x, target y, and up to two broadcast operands
 // (BCE: weight w and pos_weight pw; the others: weight w only, 1 when absent).
@@ -43,7 +46,10 @@ struct ElemArgs {
   V x, y, w, pw;
 };
 
-// Loss and gradients of one element (before the upstream gradient is applied).
+// Each loss below has loss(args), grad_input(args) and grad_target(args): the per-element
+// value and derivatives, before the upstream gradient is applied. Separate derivatives let a
+// backward that needs only one of them skip the other's work (calls to exp/log1p cannot be
+// removed by the compiler once computed). A pair computed together uses ElemGrads.
 template <typename V>
 struct ElemGrads {
   V dx, dy;
@@ -55,6 +61,7 @@ struct ElemGrads {
 // d/dx = (1 - y) - lw * sigmoid(-x),     d/dy = -x + (pw - 1) * softplus(-x)
 // pw is 1 without pos_weight. One exp serves the loss and both gradients.
 struct BceWithLogits {
+  bool has_pos_weight;  // without one, d/dy = -x exactly (no 0 * inf at infinite logits)
   template <typename V>
   FL_HOST_DEVICE V loss(const ElemArgs<V>& a) const {
     const V sp = fl_log1p(fl_exp(V(0) - fl_abs(a.x))) + fl_max(V(0) - a.x, V(0));
@@ -62,12 +69,17 @@ struct BceWithLogits {
     return a.w * ((V(1) - a.y) * a.x + lw * sp);
   }
   template <typename V>
-  FL_HOST_DEVICE ElemGrads<V> grads(const ElemArgs<V>& a) const {
+  FL_HOST_DEVICE V grad_input(const ElemArgs<V>& a) const {
     const V e = fl_exp(V(0) - fl_abs(a.x));
     const V sig_neg = fl_where_ge0(a.x, e, V(1)) / (V(1) + e);  // sigmoid(-x)
     const V lw = V(1) + (a.pw - V(1)) * a.y;
-    const V sp = fl_log1p(e) + fl_max(V(0) - a.x, V(0));
-    return {a.w * ((V(1) - a.y) - lw * sig_neg), a.w * ((a.pw - V(1)) * sp - a.x)};
+    return a.w * fl_nan_or(a.x, (V(1) - a.y) - lw * sig_neg);
+  }
+  template <typename V>
+  FL_HOST_DEVICE V grad_target(const ElemArgs<V>& a) const {
+    if (!has_pos_weight) return a.w * (V(0) - a.x);
+    const V sp = fl_log1p(fl_exp(V(0) - fl_abs(a.x))) + fl_max(V(0) - a.x, V(0));
+    return a.w * ((a.pw - V(1)) * sp - a.x);
   }
 };
 
@@ -84,11 +96,12 @@ struct SmoothL1 {
     return a.w * fl_where_lt(ad, V(beta), V(0.5) * d * d / V(beta), ad - V(0.5 * beta));
   }
   template <typename V>
-  FL_HOST_DEVICE ElemGrads<V> grads(const ElemArgs<V>& a) const {
+  FL_HOST_DEVICE V grad_input(const ElemArgs<V>& a) const {
     const V d = a.x - a.y;
-    const V g = beta == 0.0 ? fl_sign(d) : fl_where_lt(fl_abs(d), V(beta), d / V(beta), fl_sign(d));
-    return {a.w * g, V(0) - a.w * g};
+    return a.w * (beta == 0.0 ? fl_sign(d) : fl_where_lt(fl_abs(d), V(beta), d / V(beta), fl_sign(d)));
   }
+  template <typename V>
+  FL_HOST_DEVICE V grad_target(const ElemArgs<V>& a) const { return V(0) - grad_input(a); }
 };
 
 struct Huber {
@@ -99,11 +112,12 @@ struct Huber {
     return a.w * fl_where_lt(ad, V(delta), V(0.5) * d * d, V(delta) * (ad - V(0.5 * delta)));
   }
   template <typename V>
-  FL_HOST_DEVICE ElemGrads<V> grads(const ElemArgs<V>& a) const {
+  FL_HOST_DEVICE V grad_input(const ElemArgs<V>& a) const {
     const V d = a.x - a.y;
-    const V g = fl_where_lt(fl_abs(d), V(delta), d, V(delta) * fl_sign(d));
-    return {a.w * g, V(0) - a.w * g};
+    return a.w * fl_where_lt(fl_abs(d), V(delta), d, V(delta) * fl_sign(d));
   }
+  template <typename V>
+  FL_HOST_DEVICE V grad_target(const ElemArgs<V>& a) const { return V(0) - grad_input(a); }
 };
 
 // --- sigmoid focal loss (torchvision.ops.sigmoid_focal_loss) ------------------------------------
@@ -153,6 +167,10 @@ struct SigmoidFocal {
     const V dy = dat * ce * mg + at * ((V(0) - a.x) * mg - ce * dmg * two_s_1);
     return {dx, dy};
   }
+  template <typename V>
+  FL_HOST_DEVICE V grad_input(const ElemArgs<V>& a) const { return grads(a).dx; }
+  template <typename V>
+  FL_HOST_DEVICE V grad_target(const ElemArgs<V>& a) const { return grads(a).dy; }
 };
 
 }  // namespace fused_loss
