@@ -87,11 +87,15 @@ def result_of(fn, args, kwargs, mode):
     return loss.detach(), grad
 
 
-def run_case(case, mode, providers, device, bandwidth, opts, meta):
+def run_case(case, mode, providers, device, opts, meta):
     spec = LOSSES[case.loss]
     args, kwargs = spec.make_inputs(case, device)
     args = (args[0].requires_grad_(),) + tuple(args[1:])
+    # Bandwidth measured beside each case (copying a buffer of the input's size), so that the
+    # floor and the providers see the same state of a shared machine.
+    bandwidth = copy_bandwidth(device, args[0].numel() * args[0].element_size())
     floor_ms = spec.floor_bytes(case, mode) / bandwidth * 1e3
+    meta = dict(meta, bandwidth_gbs=round(bandwidth / 1e9, 2))
     ref = result_of(PROVIDERS["torch"].make(case.loss), args, kwargs, mode)
     rows = []
     for name in providers:
@@ -138,10 +142,10 @@ def parse_args(argv=None):
     p.add_argument("--providers", nargs="+", choices=sorted(PROVIDERS), default=None,
                    help="default: fused_loss torch torch_compile (+ liger cce on cuda)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--min-reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--min-reps", type=int, default=3)
     p.add_argument("--max-reps", type=int, default=50)
-    p.add_argument("--budget", type=float, default=2.0, help="seconds of timing per provider and case")
+    p.add_argument("--budget", type=float, default=1.5, help="seconds of timing per provider and case")
     p.add_argument("--no-save", action="store_true", help="print only; write no CSV, report or plots")
     return p.parse_args(argv)
 
@@ -158,16 +162,14 @@ def main(argv=None) -> int:
         print(f"no cases for --sizes {opts.sizes} --dtype {opts.dtype}", file=sys.stderr)
         return 2
     dev_slug, dev_name = device_info(opts.device)
-    bandwidth = copy_bandwidth(opts.device)
     meta = dict(run=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), device=dev_slug,
                 device_name=dev_name, torch=torch.__version__, fused_loss=fused_loss.__version__,
-                commit=project_commit(), bandwidth_gbs=round(bandwidth / 1e9, 2))
-    print(f"{dev_name}; torch {torch.__version__}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); "
-          f"commit {meta['commit']}")
+                commit=project_commit())
+    print(f"{dev_name}; torch {torch.__version__}; commit {meta['commit']}")
     work = [(c, m) for c in cases for m in opts.mode]
     rows = []
     for case, mode in report.progress(work, desc="benchmark"):
-        rows += run_case(case, mode, providers, opts.device, bandwidth, opts, meta)
+        rows += run_case(case, mode, providers, opts.device, opts, meta)
     print(report.terminal_table(rows))
     if not opts.no_save:
         os.makedirs(opts.out, exist_ok=True)

@@ -85,7 +85,7 @@ def _fmt(v, spec, suffix=""):
 def table_rows(rows):
     """Header and cells of the summary table."""
     head = ["loss", "case", "shape", "dtype", "mode", "provider", "median ms (p20-p80)", "x floor", "speed-up vs eager",
-            "vs compile", "peak MB", "status"]
+            "vs compile", "peak MB", "copy GB/s", "status"]
     body = []
     order = {"fused_loss": 0, "torch": 1, "torch_compile": 2, "liger": 3, "cce": 4}
     for r in sorted(with_ratios(rows), key=lambda r: (_case_key(r), order.get(r["provider"], 9))):
@@ -94,7 +94,7 @@ def table_rows(rows):
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
         body.append([r["loss"], r["label"], r["shape"], r["dtype"], r["mode"], r["provider"], timing,
                      _fmt(r["x_floor"], ".2f", "x"), _fmt(r["vs_torch"], ".1f", "x"), _fmt(r["vs_compile"], ".1f", "x"),
-                     r["peak_mem_mb"], status])
+                     r["peak_mem_mb"], r["bandwidth_gbs"], status])
     return head, body
 
 
@@ -180,8 +180,8 @@ def update_readme(readme, csv_path, include_sweeps=False):
     a, b = text.index(README_BEGIN), text.index(README_END)
     meta = rows[0] if rows else {}
     block = (f"{README_BEGIN}\n_Measured on {meta.get('device_name', '?')}, torch {meta.get('torch', '?')}, "
-             f"commit {meta.get('commit', '?')}, copy bandwidth {meta.get('bandwidth_gbs', '?')} GB/s; generated "
-             f"from `benchmarks/results/{os.path.basename(csv_path)}`._\n\n{markdown_table(rows)}\n")
+             f"commit {meta.get('commit', '?')}; generated from `benchmarks/results/{os.path.basename(csv_path)}` "
+             f"by `python -m benchmarks.report`._\n\n{markdown_table(rows)}\n")
     with open(readme, "w") as f:
         f.write(text[:a] + block + text[b:])
 

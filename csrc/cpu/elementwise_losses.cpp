@@ -215,99 +215,76 @@ void check_pair(const at::Tensor& input, const at::Tensor& target, const char* n
               input.scalar_type(), ", got ", target.scalar_type());
 }
 
-// Dispatches on the input dtype and runs `impl<scalar_t>()`.
-template <typename F>
-auto dispatch_float(const at::Tensor& input, F impl) {
-  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_elementwise",
-                                         [&] { return impl(scalar_t{}); });
+// Checks, dtype dispatch and the kernel of one loss `op`; `name` for error messages.
+template <typename Op>
+at::Tensor forward_entry(const char* name, const Op& op, const at::Tensor& input, const at::Tensor& target,
+                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
+                         int64_t reduction) {
+  check_pair(input, target, name);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_elementwise", [&] {
+    return forward_impl<scalar_t>(input, target, weight, pos_weight, reduction, op);
+  });
+}
+
+template <typename Op>
+std::tuple<at::Tensor, at::Tensor> backward_entry(const char* name, const Op& op, const at::Tensor& grad,
+                                                  const at::Tensor& input, const at::Tensor& target,
+                                                  const std::optional<at::Tensor>& weight,
+                                                  const std::optional<at::Tensor>& pos_weight, int64_t reduction,
+                                                  bool input_grad, bool target_grad) {
+  check_pair(input, target, name);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_elementwise", [&] {
+    return backward_impl<scalar_t>(grad, input, target, weight, pos_weight, reduction, input_grad, target_grad, op);
+  });
+}
+
+using Tensor = at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+using TensorPair = std::tuple<at::Tensor, at::Tensor>;
+constexpr auto kNone = std::nullopt;
+
+SmoothL1 smooth_l1(double beta) {
+  TORCH_CHECK(beta >= 0, "smooth_l1_loss does not support negative values for beta.");
+  return SmoothL1::with_beta(beta);
+}
+
+Huber huber(double delta) {
+  TORCH_CHECK(delta > 0, "huber_loss does not support non-positive values for delta.");
+  return {delta};
 }
 
 // ---------------------------------------------------------------------------------
 // Operator entry points
 
-at::Tensor bce_with_logits_forward_cpu(const at::Tensor& input, const at::Tensor& target,
-                                       const std::optional<at::Tensor>& weight,
-                                       const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
-  check_pair(input, target, "binary_cross_entropy_with_logits");
-  return dispatch_float(input, [&](auto t) {
-    return forward_impl<decltype(t)>(input, target, weight, pos_weight, reduction, BceWithLogits{pos_weight.has_value()});
-  });
-}
+constexpr const char* kBce = "binary_cross_entropy_with_logits";
 
-std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
-                                                                const at::Tensor& target,
-                                                                const std::optional<at::Tensor>& weight,
-                                                                const std::optional<at::Tensor>& pos_weight,
-                                                                int64_t reduction, bool input_grad, bool target_grad) {
-  check_pair(input, target, "binary_cross_entropy_with_logits");
-  return dispatch_float(input, [&](auto t) {
-    return backward_impl<decltype(t)>(grad, input, target, weight, pos_weight, reduction, input_grad, target_grad,
-                                      BceWithLogits{pos_weight.has_value()});
-  });
+Tensor bce_forward(const Tensor& x, const Tensor& y, const OptTensor& w, const OptTensor& pw, int64_t red) {
+  return forward_entry(kBce, BceWithLogits{pw.has_value()}, x, y, w, pw, red);
 }
-
-void check_beta(double beta) {
-  TORCH_CHECK(beta >= 0, "smooth_l1_loss does not support negative values for beta.");
+TensorPair bce_backward(const Tensor& g, const Tensor& x, const Tensor& y, const OptTensor& w, const OptTensor& pw,
+                        int64_t red, bool dx, bool dy) {
+  return backward_entry(kBce, BceWithLogits{pw.has_value()}, g, x, y, w, pw, red, dx, dy);
 }
-
-void check_delta(double delta) {
-  TORCH_CHECK(delta > 0, "huber_loss does not support non-positive values for delta.");
+Tensor smooth_l1_forward(const Tensor& x, const Tensor& y, int64_t red, double beta) {
+  return forward_entry("smooth_l1_loss", smooth_l1(beta), x, y, kNone, kNone, red);
 }
-
-at::Tensor smooth_l1_forward_cpu(const at::Tensor& input, const at::Tensor& target, int64_t reduction, double beta) {
-  check_pair(input, target, "smooth_l1_loss");
-  check_beta(beta);
-  return dispatch_float(input, [&](auto t) {
-    return forward_impl<decltype(t)>(input, target, std::nullopt, std::nullopt, reduction, SmoothL1{beta});
-  });
+TensorPair smooth_l1_backward(const Tensor& g, const Tensor& x, const Tensor& y, int64_t red, double beta, bool dx,
+                              bool dy) {
+  return backward_entry("smooth_l1_loss", smooth_l1(beta), g, x, y, kNone, kNone, red, dx, dy);
 }
-
-std::tuple<at::Tensor, at::Tensor> smooth_l1_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
-                                                          const at::Tensor& target, int64_t reduction, double beta,
-                                                          bool input_grad, bool target_grad) {
-  check_pair(input, target, "smooth_l1_loss");
-  check_beta(beta);
-  return dispatch_float(input, [&](auto t) {
-    return backward_impl<decltype(t)>(grad, input, target, std::nullopt, std::nullopt, reduction, input_grad,
-                                      target_grad, SmoothL1{beta});
-  });
+Tensor huber_forward(const Tensor& x, const Tensor& y, int64_t red, double delta) {
+  return forward_entry("huber_loss", huber(delta), x, y, kNone, kNone, red);
 }
-
-at::Tensor huber_forward_cpu(const at::Tensor& input, const at::Tensor& target, int64_t reduction, double delta) {
-  check_pair(input, target, "huber_loss");
-  check_delta(delta);
-  return dispatch_float(input, [&](auto t) {
-    return forward_impl<decltype(t)>(input, target, std::nullopt, std::nullopt, reduction, Huber{delta});
-  });
+TensorPair huber_backward(const Tensor& g, const Tensor& x, const Tensor& y, int64_t red, double delta, bool dx,
+                          bool dy) {
+  return backward_entry("huber_loss", huber(delta), g, x, y, kNone, kNone, red, dx, dy);
 }
-
-std::tuple<at::Tensor, at::Tensor> huber_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
-                                                      const at::Tensor& target, int64_t reduction, double delta,
-                                                      bool input_grad, bool target_grad) {
-  check_pair(input, target, "huber_loss");
-  check_delta(delta);
-  return dispatch_float(input, [&](auto t) {
-    return backward_impl<decltype(t)>(grad, input, target, std::nullopt, std::nullopt, reduction, input_grad,
-                                      target_grad, Huber{delta});
-  });
+Tensor focal_forward(const Tensor& x, const Tensor& y, int64_t red, double alpha, double gamma) {
+  return forward_entry("sigmoid_focal_loss", SigmoidFocal{alpha, gamma}, x, y, kNone, kNone, red);
 }
-
-at::Tensor sigmoid_focal_forward_cpu(const at::Tensor& input, const at::Tensor& target, int64_t reduction,
-                                     double alpha, double gamma) {
-  check_pair(input, target, "sigmoid_focal_loss");
-  return dispatch_float(input, [&](auto t) {
-    return forward_impl<decltype(t)>(input, target, std::nullopt, std::nullopt, reduction, SigmoidFocal{alpha, gamma});
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor> sigmoid_focal_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
-                                                              const at::Tensor& target, int64_t reduction, double alpha,
-                                                              double gamma, bool input_grad, bool target_grad) {
-  check_pair(input, target, "sigmoid_focal_loss");
-  return dispatch_float(input, [&](auto t) {
-    return backward_impl<decltype(t)>(grad, input, target, std::nullopt, std::nullopt, reduction, input_grad,
-                                      target_grad, SigmoidFocal{alpha, gamma});
-  });
+TensorPair focal_backward(const Tensor& g, const Tensor& x, const Tensor& y, int64_t red, double alpha, double gamma,
+                          bool dx, bool dy) {
+  return backward_entry("sigmoid_focal_loss", SigmoidFocal{alpha, gamma}, g, x, y, kNone, kNone, red, dx, dy);
 }
 
 }  // namespace
@@ -316,12 +293,12 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_backward_cpu(const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(fused_loss, CPU, m) {
   using namespace fused_loss::cpu;
-  m.impl("binary_cross_entropy_with_logits_forward", &bce_with_logits_forward_cpu);
-  m.impl("binary_cross_entropy_with_logits_backward", &bce_with_logits_backward_cpu);
-  m.impl("smooth_l1_loss_forward", &smooth_l1_forward_cpu);
-  m.impl("smooth_l1_loss_backward", &smooth_l1_backward_cpu);
-  m.impl("huber_loss_forward", &huber_forward_cpu);
-  m.impl("huber_loss_backward", &huber_backward_cpu);
-  m.impl("sigmoid_focal_loss_forward", &sigmoid_focal_forward_cpu);
-  m.impl("sigmoid_focal_loss_backward", &sigmoid_focal_backward_cpu);
+  m.impl("binary_cross_entropy_with_logits_forward", &bce_forward);
+  m.impl("binary_cross_entropy_with_logits_backward", &bce_backward);
+  m.impl("smooth_l1_loss_forward", &smooth_l1_forward);
+  m.impl("smooth_l1_loss_backward", &smooth_l1_backward);
+  m.impl("huber_loss_forward", &huber_forward);
+  m.impl("huber_loss_backward", &huber_backward);
+  m.impl("sigmoid_focal_loss_forward", &focal_forward);
+  m.impl("sigmoid_focal_loss_backward", &focal_backward);
 }

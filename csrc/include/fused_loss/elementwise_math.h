@@ -89,16 +89,27 @@ struct BceWithLogits {
 // Huber: |d| < delta ? d^2 / 2 : delta (|d| - delta / 2) = beta * smooth L1 with beta = delta.
 struct SmoothL1 {
   double beta;
+  double inv_beta;  // 1 / beta when x / beta == x * (1 / beta) exactly (beta a power of two), else 0
+
+  static SmoothL1 with_beta(double beta) {
+    int e = 0;
+    return {beta, beta > 0 && std::frexp(beta, &e) == 0.5 ? 1.0 / beta : 0.0};
+  }
+  // x / beta without a divide per element where that gives the same bits (the default 1 included).
+  template <typename V>
+  FL_HOST_DEVICE V over_beta(V v) const {
+    return inv_beta != 0.0 ? v * V(inv_beta) : v / V(beta);
+  }
   template <typename V>
   FL_HOST_DEVICE V loss(const ElemArgs<V>& a) const {
     const V d = a.x - a.y, ad = fl_abs(d);
     if (beta == 0.0) return a.w * ad;
-    return a.w * fl_where_lt(ad, V(beta), V(0.5) * d * d / V(beta), ad - V(0.5 * beta));
+    return a.w * fl_where_lt(ad, V(beta), over_beta(V(0.5) * d * d), ad - V(0.5 * beta));
   }
   template <typename V>
   FL_HOST_DEVICE V grad_input(const ElemArgs<V>& a) const {
     const V d = a.x - a.y;
-    return a.w * (beta == 0.0 ? fl_sign(d) : fl_where_lt(fl_abs(d), V(beta), d / V(beta), fl_sign(d)));
+    return a.w * (beta == 0.0 ? fl_sign(d) : fl_where_lt(fl_abs(d), V(beta), over_beta(d), fl_sign(d)));
   }
   template <typename V>
   FL_HOST_DEVICE V grad_target(const ElemArgs<V>& a) const { return V(0) - grad_input(a); }
