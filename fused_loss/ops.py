@@ -78,12 +78,17 @@ def _(input, target, weight, reduction, label_smoothing):
     return loss, stats, torch.empty_like(stats)
 
 
-@register_fake("fused_loss::cross_entropy_prob_backward")
-def _(grad_loss, input, target, weight, lse, swt, reduction, label_smoothing, input_grad, target_grad):
-    _check_input(input)
+def _grad_pair_fake(input, target, input_grad, target_grad):
+    """(grad_input, grad_target) of a backward op: contiguous, or empty when not asked for."""
     dx = torch.empty_like(input, memory_format=torch.contiguous_format) if input_grad else input.new_empty((0,))
     dt = torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else target.new_empty((0,))
     return dx, dt
+
+
+@register_fake("fused_loss::cross_entropy_prob_backward")
+def _(grad_loss, input, target, weight, lse, swt, reduction, label_smoothing, input_grad, target_grad):
+    _check_input(input)
+    return _grad_pair_fake(input, target, input_grad, target_grad)
 
 
 def _ce_prob_setup_context(ctx, inputs, output):
@@ -118,12 +123,6 @@ def _elementwise_fake_forward(input, target, reduction):
     return input.new_empty(input.shape if reduction == 0 else ())
 
 
-def _elementwise_fake_backward(input, target, input_grad, target_grad):
-    dx = torch.empty_like(input, memory_format=torch.contiguous_format) if input_grad else input.new_empty((0,))
-    dt = torch.empty_like(target, memory_format=torch.contiguous_format) if target_grad else target.new_empty((0,))
-    return dx, dt
-
-
 @register_fake("fused_loss::binary_cross_entropy_with_logits_forward")
 def _(input, target, weight, pos_weight, reduction):
     return _elementwise_fake_forward(input, target, reduction)
@@ -131,7 +130,7 @@ def _(input, target, weight, pos_weight, reduction):
 
 @register_fake("fused_loss::binary_cross_entropy_with_logits_backward")
 def _(grad, input, target, weight, pos_weight, reduction, input_grad, target_grad):
-    return _elementwise_fake_backward(input, target, input_grad, target_grad)
+    return _grad_pair_fake(input, target, input_grad, target_grad)
 
 
 for _name in ("smooth_l1_loss", "huber_loss"):
@@ -139,7 +138,7 @@ for _name in ("smooth_l1_loss", "huber_loss"):
         lambda input, target, reduction, param: _elementwise_fake_forward(input, target, reduction))
     register_fake(f"fused_loss::{_name}_backward")(
         lambda grad, input, target, reduction, param, input_grad, target_grad:
-        _elementwise_fake_backward(input, target, input_grad, target_grad))
+        _grad_pair_fake(input, target, input_grad, target_grad))
 
 
 @register_fake("fused_loss::sigmoid_focal_loss_forward")
@@ -149,7 +148,7 @@ def _(input, target, reduction, alpha, gamma):
 
 @register_fake("fused_loss::sigmoid_focal_loss_backward")
 def _(grad, input, target, reduction, alpha, gamma, input_grad, target_grad):
-    return _elementwise_fake_backward(input, target, input_grad, target_grad)
+    return _grad_pair_fake(input, target, input_grad, target_grad)
 
 
 def _register_elementwise_autograd(name: str, n_tensors: int):

@@ -120,42 +120,58 @@ void for_each_vector(const T* x, const T* y, const Operand<T>& w, const Operand<
   }
 }
 
+// Input, target and operands of one call, walked chunk by chunk: f(chunk, i, cnt, args) for
+// every vector, chunks in parallel, each chunk's vectors in order.
+template <typename T>
+struct ElementwiseInputs {
+  at::Tensor x, y, keep_w, keep_pw;
+  Operand<T> w, pw;
+  int64_t n, chunks;
+
+  ElementwiseInputs(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& pos_weight)
+      : x(input.contiguous()), y(target.contiguous()) {
+    w = make_operand<T>(weight, x, keep_w, "weight");
+    pw = make_operand<T>(pos_weight, x, keep_pw, "pos_weight");
+    n = x.numel();
+    chunks = (n + kChunk - 1) / kChunk;
+  }
+
+  template <typename F>
+  void parallel_chunks(F f) const {
+    const T* xp = x.data_ptr<T>();
+    const T* yp = y.data_ptr<T>();
+    at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        for_each_vector<T>(xp, yp, w, pw, c * kChunk, std::min(n, (c + 1) * kChunk),
+                           [&](int64_t i, int64_t cnt, const ElemArgs<AccVec<T>>& a) { f(c, i, cnt, a); });
+      }
+    });
+  }
+};
+
 template <typename T, typename Op>
 at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& pos_weight, int64_t reduction, const Op& op) {
   using A = acc_t<T>;
   using V = AccVec<T>;
   const Reduction red = to_reduction(reduction);
-  const at::Tensor x = input.contiguous(), y = target.contiguous();
-  at::Tensor keep_w, keep_pw;
-  const Operand<T> w = make_operand<T>(weight, x, keep_w, "weight");
-  const Operand<T> pw = make_operand<T>(pos_weight, x, keep_pw, "pos_weight");
-  const int64_t n = x.numel(), chunks = (n + kChunk - 1) / kChunk;
-  const T* xp = x.data_ptr<T>();
-  const T* yp = y.data_ptr<T>();
+  const ElementwiseInputs<T> in(input, target, weight, pos_weight);
   if (red == Reduction::None) {
-    at::Tensor out = empty_cached(x.sizes(), x.options());
+    at::Tensor out = empty_cached(in.x.sizes(), in.x.options());
     T* op_out = out.data_ptr<T>();
-    at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) {
-        for_each_vector<T>(xp, yp, w, pw, c * kChunk, std::min(n, (c + 1) * kChunk),
-                           [&](int64_t i, int64_t cnt, const ElemArgs<V>& a) { store_vec(op_out + i, op.loss(a), cnt); });
-      }
+    in.parallel_chunks([&](int64_t, int64_t i, int64_t cnt, const ElemArgs<V>& a) {
+      store_vec(op_out + i, op.loss(a), cnt);
     });
     return out;
   }
-  std::vector<double> partial(chunks, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      V acc(0);
-      for_each_vector<T>(xp, yp, w, pw, c * kChunk, std::min(n, (c + 1) * kChunk),
-                         [&](int64_t, int64_t cnt, const ElemArgs<V>& a) { acc += keep_first(op.loss(a), cnt, A(0)); });
-      partial[c] = double(reduce_sum(acc));
-    }
+  std::vector<V> acc(in.chunks, V(0));  // one accumulator per chunk: a fixed summation order
+  in.parallel_chunks([&](int64_t c, int64_t, int64_t cnt, const ElemArgs<V>& a) {
+    acc[c] += keep_first(op.loss(a), cnt, A(0));
   });
   double total = 0;
-  for (double p : partial) total += p;
-  if (red == Reduction::Mean) total /= double(n);  // 0 / 0 is NaN, as in torch
+  for (const V& v : acc) total += double(reduce_sum(v));
+  if (red == Reduction::Mean) total /= double(in.n);  // 0 / 0 is NaN, as in torch
   return at::scalar_tensor(total, input.options());
 }
 
@@ -167,11 +183,9 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
   using A = acc_t<T>;
   using V = AccVec<T>;
   const Reduction red = to_reduction(reduction);
-  const at::Tensor x = input.contiguous(), y = target.contiguous();
-  at::Tensor keep_w, keep_pw;
-  const Operand<T> w = make_operand<T>(weight, x, keep_w, "weight");
-  const Operand<T> pw = make_operand<T>(pos_weight, x, keep_pw, "pos_weight");
-  const int64_t n = x.numel(), chunks = (n + kChunk - 1) / kChunk;
+  const ElementwiseInputs<T> in(input, target, weight, pos_weight);
+  const at::Tensor& x = in.x;
+  const at::Tensor& y = in.y;
   at::Tensor dx = input_grad ? empty_cached(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor dy = target_grad ? empty_cached(y.sizes(), y.options()) : at::empty({0}, y.options());
   if (!input_grad && !target_grad) return {dx, dy};
@@ -184,23 +198,16 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
   } else {
     TORCH_CHECK(grad.numel() == 1, "fused_loss: expected a scalar gradient, got shape ", grad.sizes());
     double g = grad.item<double>();
-    if (red == Reduction::Mean) g /= double(n);
+    if (red == Reduction::Mean) g /= double(in.n);
     g_all = A(g);
   }
-  const T* xp = x.data_ptr<T>();
-  const T* yp = y.data_ptr<T>();
   const T* gp = g_elems.defined() ? g_elems.data_ptr<T>() : nullptr;
   T* dxp = input_grad ? dx.data_ptr<T>() : nullptr;
   T* dyp = target_grad ? dy.data_ptr<T>() : nullptr;
-  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      for_each_vector<T>(xp, yp, w, pw, c * kChunk, std::min(n, (c + 1) * kChunk),
-                         [&](int64_t i, int64_t cnt, const ElemArgs<V>& a) {
-                           const V g = gp ? load_vec(gp + i, cnt) : V(g_all);
-                           if (dxp) store_vec(dxp + i, op.grad_input(a) * g, cnt);
-                           if (dyp) store_vec(dyp + i, op.grad_target(a) * g, cnt);
-                         });
-    }
+  in.parallel_chunks([&](int64_t, int64_t i, int64_t cnt, const ElemArgs<V>& a) {
+    const V g = gp ? load_vec(gp + i, cnt) : V(g_all);
+    if (dxp) store_vec(dxp + i, op.grad_input(a) * g, cnt);
+    if (dyp) store_vec(dyp + i, op.grad_target(a) * g, cnt);
   });
   return {dx, dy};
 }
