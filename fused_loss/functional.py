@@ -15,6 +15,12 @@ def reduction_enum(reduction: str) -> int:
     return REDUCTIONS[reduction]
 
 
+def _legacy_reduction(size_average, reduce, reduction):
+    if size_average is not None or reduce is not None:
+        return _Reduction.legacy_get_string(size_average, reduce)
+    return reduction
+
+
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -32,19 +38,17 @@ def cross_entropy(
     size_average and reduce are torch's deprecated arguments, kept so that positional
     calls mean the same thing.
     """
-    if size_average is not None or reduce is not None:
-        reduction = _Reduction.legacy_get_string(size_average, reduce)
-    red = reduction_enum(reduction)
+    red = reduction_enum(_legacy_reduction(size_average, reduce, reduction))
     if input.dim() == 0:
         raise ValueError("cross_entropy: expected input of shape (C,), (N, C) or (N, C, d1, ..., dk), got a 0-dim tensor")
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     probabilities = input.shape == target.shape  # torch's rule for soft targets
-    if input.dim() == 1:  # unbatched: one row
+    unbatched = input.dim() == 1
+    if unbatched:  # one row
         input, target = input.unsqueeze(0), target.unsqueeze(0)
-        loss = _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoothing, probabilities)
-        return loss.squeeze(0) if red == 0 else loss
-    return _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoothing, probabilities)
+    loss = _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoothing, probabilities)
+    return loss.squeeze(0) if unbatched and red == 0 else loss
 
 
 def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoothing, probabilities):
@@ -59,12 +63,6 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
     if weight is not None:
         weight = weight.to(dtype)
     return ops.cross_entropy_prob_forward(input, target, weight, red, float(label_smoothing))[0]
-
-
-def _legacy_reduction(size_average, reduce, reduction):
-    if size_average is not None or reduce is not None:
-        return _Reduction.legacy_get_string(size_average, reduce)
-    return reduction
 
 
 def _check_floating_input(input: Tensor, name: str):

@@ -356,11 +356,12 @@ void row_stats(const T* x, int64_t rows, int64_t classes, MakeTerms make_terms, 
 // Computes a row's gradient chunk by chunk over all (row, chunk) tasks in parallel.
 // make_line(row, c0) returns, once per chunk, a functor line(i, v, cnt) that turns the
 // logits v of the line at class c0 + i into its gradient, which is stored to `out`
-// unless out is null (a line functor may also write other outputs itself). `align` is
+// unless out is null (a line functor may also write other outputs itself). A row for
+// which zero(row) holds gets zeros in `out` without its logits being read. `align` is
 // the output whose alignment decides which lines are streamed; every output is a fresh
 // contiguous tensor of the input's shape, so all share that alignment.
-template <typename T, typename MakeLine>
-void row_grad(const T* x, T* out, const T* align, int64_t rows, int64_t classes, MakeLine make_line) {
+template <typename T, typename Zero, typename MakeLine>
+void row_grad(const T* x, T* out, const T* align, int64_t rows, int64_t classes, Zero zero, MakeLine make_line) {
   using V = AccVec<T>;
   const int64_t nchunks = std::max<int64_t>(1, ceil_div(classes, kChunk));
   at::parallel_for(0, rows * nchunks, grain_for(std::min(classes, kChunk)), [&](int64_t begin, int64_t end) {
@@ -368,6 +369,11 @@ void row_grad(const T* x, T* out, const T* align, int64_t rows, int64_t classes,
       const int64_t row = task / nchunks, c0 = (task % nchunks) * kChunk;
       if (c0 >= classes) continue;
       const int64_t n = std::min(kChunk, classes - c0), off = row * classes + c0;
+      if (zero(row)) {
+        const V zeros[kVecsPerLine<T>] = {};
+        for_each_aligned_line(align + off, n, [&](int64_t i, int64_t cnt) { store_or_stream(out + off + i, zeros, cnt); });
+        continue;
+      }
       auto line = make_line(row, c0);
       for_each_aligned_line(align + off, n, [&](int64_t i, int64_t cnt) {
         prefetch(x + off + i);
@@ -499,17 +505,13 @@ void class_backward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T
     return cf;
   };
   if (g.inner == 1) {
-    row_grad<T>(x, dx, dx, g.outer, g.classes, [&](int64_t row, int64_t c0) {
-      const auto cf = coefs(row);  // all zero for an ignored row
+    auto ignored = [&](int64_t row) { return y[row] == ignore_index; };
+    row_grad<T>(x, dx, dx, g.outer, g.classes, ignored, [&](int64_t row, int64_t c0) {
+      const auto cf = coefs(row);
       const V vl(lse[row]), va(cf.a), vb(cf.b);
       const A* wc = wp ? wp + c0 : nullptr;
       const int64_t ty = y[row] - c0;  // target position within the chunk
-      const bool ignored = y[row] == ignore_index;
       return [=](int64_t i, V* v, int64_t cnt) {
-        if (ignored) {
-          for (int k = 0; k < kVecsPerLine<T>; ++k) v[k] = V(0);
-          return;
-        }
         for (int k = 0; k < kVecsPerLine<T>; ++k) {
           V o = (v[k] - vl).exp_u20() * va;
           if constexpr (S == Smooth::kUniform) o = o - vb;
@@ -601,7 +603,7 @@ void prob_backward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, 
   auto grad_of = [&](int64_t row) { return grad_rows ? grad_rows[row] : grad_all; };
   if (g.inner == 1) {
     // One pass writes both gradients: the input's through row_grad, the target's beside it.
-    row_grad<T>(x, dx, dx ? dx : dt, g.outer, g.classes, [&](int64_t row, int64_t c0) {
+    row_grad<T>(x, dx, dx ? dx : dt, g.outer, g.classes, [](int64_t) { return false; }, [&](int64_t row, int64_t c0) {
       const A gr = grad_of(row);
       const A gs = std::isnan(lse[row]) ? lse[row] : gr * swt[row];  // see row_lse
       const V vl(lse[row]), vgs(gs), vg(gr), vgo(gr * ome), vome(ome), veps(p.eps_over_c);

@@ -8,9 +8,11 @@ namespace fused_loss {
 
 using cpu::Vectorized;
 
-// exp_u20: ATen's faster exp (the one its softmax uses); for double it is Sleef's exp.
+// exp_u20: ATen's faster exp (the one its softmax uses; for double it is Sleef's exp). It
+// clamps a NaN argument to a finite result, so NaN is put back: fl_exp(NaN) is NaN, as for
+// the scalar std::exp, and every loss built on it propagates NaN inputs like torch.
 template <typename A>
-inline Vectorized<A> fl_exp(Vectorized<A> x) { return x.exp_u20(); }
+inline Vectorized<A> fl_exp(Vectorized<A> x) { return Vectorized<A>::blendv(x.exp_u20(), x, x != x); }
 template <typename A>
 inline Vectorized<A> fl_log1p(Vectorized<A> x) { return x.log1p(); }
 template <typename A>
@@ -32,8 +34,6 @@ template <typename A>
 inline Vectorized<A> fl_where_lt(Vectorized<A> c, Vectorized<A> d, Vectorized<A> a, Vectorized<A> b) {
   return Vectorized<A>::blendv(b, a, c < d);
 }
-template <typename A>
-inline Vectorized<A> fl_nan_or(Vectorized<A> x, Vectorized<A> v) { return Vectorized<A>::blendv(v, x, x != x); }
 template <typename A, typename P>
 inline Vectorized<A> fl_pow(Vectorized<A> x, P p) { return x.pow(Vectorized<A>(A(p))); }
 

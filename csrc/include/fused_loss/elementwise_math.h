@@ -4,8 +4,8 @@
 // Every function is a template over V: a scalar (float/double, host or device) or a CPU
 // vector (at::vec::Vectorized<float/double>). A backend provides the primitives for its V:
 //   fl_exp, fl_log1p, fl_abs, fl_max, fl_min, fl_sign, fl_where_ge0(c, a, b) = c >= 0 ? a : b,
-//   fl_where_lt(c, d, a, b) = c < d ? a : b, fl_pow(x, p) with p a scalar, fl_nan_or(x, v) =
-//   x if x is NaN else v (the fast exp clamps NaN, so NaN inputs are carried explicitly).
+//   fl_where_lt(c, d, a, b) = c < d ? a : b, fl_pow(x, p) with p a scalar.
+// fl_exp must return NaN for NaN, as std::exp does.
 // The scalar primitives are defined here; csrc/cpu/vec_math.h declares the vector ones and
 // must be included before this header (unqualified calls in templates see the overloads
 // declared before them).
@@ -36,8 +36,6 @@ template <typename S>
 FL_HOST_DEVICE S fl_where_lt(S c, S d, S a, S b) { return c < d ? a : b; }
 template <typename S, typename P>
 FL_HOST_DEVICE S fl_pow(S x, P p) { return std::pow(x, S(p)); }
-template <typename S>
-FL_HOST_DEVICE S fl_nan_or(S x, S v) { return x != x ? x : v; }  // x if x is NaN, else v
 
 // Inputs of one element: logit or prediction x, target y, and up to two broadcast operands
 // (BCE: weight w and pos_weight pw; the others: weight w only, 1 when absent).
@@ -73,7 +71,7 @@ struct BceWithLogits {
     const V e = fl_exp(V(0) - fl_abs(a.x));
     const V sig_neg = fl_where_ge0(a.x, e, V(1)) / (V(1) + e);  // sigmoid(-x)
     const V lw = V(1) + (a.pw - V(1)) * a.y;
-    return a.w * fl_nan_or(a.x, (V(1) - a.y) - lw * sig_neg);
+    return a.w * ((V(1) - a.y) - lw * sig_neg);
   }
   template <typename V>
   FL_HOST_DEVICE V grad_target(const ElemArgs<V>& a) const {
