@@ -179,8 +179,9 @@ def update_readme(readme, csv_path, include_sweeps=False):
         text = f.read()
     a, b = text.index(README_BEGIN), text.index(README_END)
     meta = rows[0] if rows else {}
+    commits = ", ".join(sorted({r["commit"] for r in rows})) or "?"
     block = (f"{README_BEGIN}\n_Measured on {meta.get('device_name', '?')}, torch {meta.get('torch', '?')}, "
-             f"commit {meta.get('commit', '?')}; generated from `benchmarks/results/{os.path.basename(csv_path)}` "
+             f"commit(s) {commits}; generated from `benchmarks/results/{os.path.basename(csv_path)}` "
              f"by `python -m benchmarks.report`._\n\n{markdown_table(rows)}\n")
     with open(readme, "w") as f:
         f.write(text[:a] + block + text[b:])
