@@ -60,7 +60,7 @@ def use_cuda() -> bool:
 
 
 def extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/**/*.cpp", recursive=True))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx = cpu_flags()
     if use_cuda() and glob.glob("csrc/cuda/*.cu"):

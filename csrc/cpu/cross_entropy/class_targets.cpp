@@ -1,0 +1,212 @@
+// Cross-entropy with class-index targets on the CPU: log-softmax and NLL in one pass.
+//
+// Forward reads each row of logits once and keeps only its log-sum-exp (N floats) for
+// the backward; backward reads the logits once more and writes
+//   dx = softmax(x) * a - b * w - [c == y] * t_y
+// directly. Nothing of size N x C is ever allocated besides the gradient itself.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "column_kernels.h"
+#include "row_kernels.h"
+
+namespace fused_loss::cpu {
+inline namespace CPU_CAPABILITY {
+namespace ce {
+namespace {
+
+enum class Smooth { kNone, kUniform, kWeighted };
+
+template <typename T, Smooth S>
+void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>>& w, const Geometry& g,
+                        int64_t ignore_index, const CrossEntropyParams<acc_t<T>>& p, acc_t<T>* lse, acc_t<T>* loss) {
+  using A = acc_t<T>;
+  using V = AccVec<T>;
+  const A* wp = w.empty() ? nullptr : w.data();
+  auto w_of = [&](int64_t c) { return wp ? wp[c] : A(1); };
+  auto finish_row = [&](int64_t row, A m, A s, A r, A sx, A x_y, int64_t yc) {
+    lse[row] = row_lse(m, s);
+    loss[row] = ce_class_row_loss(p, lse[row], x_y, w_of(yc), r, sx);
+  };
+  if (g.inner == 1) {
+    auto skip = [&](int64_t row) { return y[row] == ignore_index; };
+    auto finish = [&](int64_t row, const Partial<A>& pt, A r) {
+      if (skip(row)) {
+        lse[row] = A(0);
+        loss[row] = A(0);
+      } else {
+        finish_row(row, pt.m, pt.s, r, pt.t1, static_cast<A>(x[row * g.classes + y[row]]), y[row]);
+      }
+    };
+    if constexpr (S == Smooth::kNone) {
+      row_stats<T>(x, g.outer, g.classes, [](int64_t, int64_t, A) { return NoTerms<T>{}; }, skip, finish);
+    } else {
+      row_stats<T>(
+          x, g.outer, g.classes,
+          [&](int64_t, int64_t c0, A r) { return SmoothingTerms<T, S == Smooth::kWeighted>{wp ? wp + c0 : nullptr, r}; },
+          skip, finish);
+    }
+    return;
+  }
+  for_each_column_tile<T>(g, [&](int64_t n, int64_t j0, int64_t nl) {
+    const T* xb = x + n * g.classes * g.inner + j0;
+    V vmax, vsum, r, vx(0);
+    column_stats<T>(xb, g, nl, vmax, vsum, r, [&](int64_t c, const V& v, const V& rr) {
+      if constexpr (S == Smooth::kUniform) vx += v - rr;
+      if constexpr (S == Smooth::kWeighted) vx += (v - rr) * V(wp[c]);
+    });
+    __at_align__ A am[kLanes<T>], as[kLanes<T>], ar[kLanes<T>], ax[kLanes<T>];
+    vmax.store(am), vsum.store(as), r.store(ar), vx.store(ax);
+    for (int64_t j = 0; j < nl; ++j) {
+      const int64_t row = n * g.inner + j0 + j;
+      if (y[row] == ignore_index) {
+        lse[row] = A(0);
+        loss[row] = A(0);
+      } else {
+        finish_row(row, am[j], as[j], ar[j], ax[j], static_cast<A>(xb[y[row] * g.inner + j]), y[row]);
+      }
+    }
+  });
+}
+
+template <typename T, Smooth S>
+void class_backward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>>& w, const Geometry& g,
+                         int64_t ignore_index, const CrossEntropyParams<acc_t<T>>& p, const acc_t<T>* lse,
+                         const acc_t<T>* grad_rows, acc_t<T> grad_all, T* dx) {
+  using A = acc_t<T>;
+  using V = AccVec<T>;
+  const A* wp = w.empty() ? nullptr : w.data();
+  // g: this row's share of the upstream gradient; 0 for an ignored row.
+  auto coefs = [&](int64_t row) {
+    if (y[row] == ignore_index) return CrossEntropyClassGrad<A>{A(0), A(0), A(0)};
+    auto cf = ce_class_grad_coefs(p, grad_rows ? grad_rows[row] : grad_all, wp ? wp[y[row]] : A(1));
+    if (std::isnan(lse[row])) cf.a = lse[row];  // see row_lse
+    return cf;
+  };
+  if (g.inner == 1) {
+    auto ignored = [&](int64_t row) { return y[row] == ignore_index; };
+    row_grad<T>(x, dx, dx, g.outer, g.classes, ignored, [&](int64_t row, int64_t c0) {
+      const auto cf = coefs(row);
+      const V vl(lse[row]), va(cf.a), vb(cf.b);
+      const A* wc = wp ? wp + c0 : nullptr;
+      const int64_t ty = y[row] - c0;  // target position within the chunk
+      return [=](int64_t i, V* v, int64_t cnt) {
+        for (int k = 0; k < kVecsPerLine<T>; ++k) {
+          V o = (v[k] - vl).exp_u20() * va;
+          if constexpr (S == Smooth::kUniform) o = o - vb;
+          if constexpr (S == Smooth::kWeighted) {
+            const int64_t n = lanes_in<T>(cnt, k), c = i + k * kLanes<T>;
+            if (n > 0) o = o - vb * (n == kLanes<T> ? V::loadu(wc + c) : V::loadu(wc + c, n));
+          }
+          v[k] = o;
+        }
+        if (ty >= i && ty < i + cnt) sub_at<T>(v, ty - i, cf.t_y);
+      };
+    });
+    return;
+  }
+  for_each_column_tile<T>(g, [&](int64_t n, int64_t j0, int64_t nl) {
+    __at_align__ A a[kLanes<T>] = {}, b[kLanes<T>] = {}, ty[kLanes<T>] = {}, yf[kLanes<T>], l[kLanes<T>] = {};
+    for (int64_t j = 0; j < kLanes<T>; ++j) {
+      yf[j] = A(-1);
+      if (j >= nl) continue;
+      const int64_t row = n * g.inner + j0 + j;
+      const auto cf = coefs(row);
+      a[j] = cf.a, b[j] = cf.b, ty[j] = cf.t_y, l[j] = lse[row];
+      if (y[row] != ignore_index) yf[j] = A(y[row]);
+    }
+    const V va = V::loadu(a), vb = V::loadu(b), vty = V::loadu(ty), vy = V::loadu(yf), vl = V::loadu(l);
+    const V ignored = vy == V(A(-1));
+    const T* xb = x + n * g.classes * g.inner + j0;
+    T* ob = dx + n * g.classes * g.inner + j0;
+    for (int64_t c = 0; c < g.classes; ++c) {
+      const V v = load_vec(xb + c * g.inner, nl);
+      V o = (v - vl).exp_u20() * va;
+      if constexpr (S == Smooth::kUniform) o = o - vb;
+      if constexpr (S == Smooth::kWeighted) o = o - vb * V(wp[c]);
+      o = o - V::blendv(V(0), vty, vy == V(A(c)));
+      store_vec(ob + c * g.inner, V::blendv(o, V(0), ignored), nl);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// Operator entry points
+
+template <typename F>
+void dispatch_smooth(bool smooth, bool weighted, F f) {
+  if (!smooth) {
+    f(std::integral_constant<Smooth, Smooth::kNone>{});
+  } else if (weighted) {
+    f(std::integral_constant<Smooth, Smooth::kWeighted>{});
+  } else {
+    f(std::integral_constant<Smooth, Smooth::kUniform>{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(const at::Tensor& input, const at::Tensor& target,
+                                                             const std::optional<at::Tensor>& weight,
+                                                             int64_t reduction, int64_t ignore_index,
+                                                             double label_smoothing) {
+  check_input(input);
+  check_smoothing(label_smoothing);
+  const Reduction red = to_reduction(reduction);
+  const Geometry g = geometry(input);
+  const at::Tensor y = class_targets(target, input, g, ignore_index);
+  const at::Tensor x = input.contiguous();
+  const auto acc = acc_type_of(input);
+  at::Tensor lse = at::empty({g.rows()}, input.options().dtype(acc));
+  at::Tensor rows = at::empty({g.rows()}, input.options().dtype(acc));
+  double denominator = 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_forward", [&] {
+    using A = acc_t<scalar_t>;
+    const auto w = class_weights<A>(weight, input, g.classes);
+    const auto p = make_params<A>(label_smoothing, g.classes, w);
+    dispatch_smooth(p.smooth, !w.empty(), [&](auto S) {
+      class_forward_impl<scalar_t, decltype(S)::value>(x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), w, g,
+                                                       ignore_index, p, lse.data_ptr<A>(), rows.data_ptr<A>());
+    });
+    if (red == Reduction::Mean) denominator = class_mean_denominator(y.data_ptr<int64_t>(), g.rows(), w, ignore_index);
+  });
+  return {reduce_loss(rows, red, denominator, target.sizes(), input), lse};
+}
+
+at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                                      const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                      int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  check_input(input);
+  check_smoothing(label_smoothing);
+  const Reduction red = to_reduction(reduction);
+  const Geometry g = geometry(input);
+  const at::Tensor y = class_targets(target, input, g, ignore_index);
+  const auto acc = acc_type_of(input);
+  check_stats(lse, "lse", g, acc);
+  const at::Tensor x = input.contiguous();
+  const at::Tensor l = lse.contiguous();
+  at::Tensor dx = new_like(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_backward", [&] {
+    using A = acc_t<scalar_t>;
+    const auto w = class_weights<A>(weight, input, g.classes);
+    const auto p = make_params<A>(label_smoothing, g.classes, w);
+    const double denominator =
+        red == Reduction::Mean ? class_mean_denominator(y.data_ptr<int64_t>(), g.rows(), w, ignore_index) : 1.0;
+    const UpstreamGrad u = upstream_grad(grad_loss, red, g.rows(), acc, denominator);
+    dispatch_smooth(p.smooth, !w.empty(), [&](auto S) {
+      class_backward_impl<scalar_t, decltype(S)::value>(
+          x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), w, g, ignore_index, p, l.data_ptr<A>(),
+          u.rows.defined() ? u.rows.data_ptr<A>() : nullptr, A(u.all), dx.data_ptr<scalar_t>());
+    });
+  });
+  return dx;
+}
+
+}  // namespace
+}  // namespace ce
+}  // namespace CPU_CAPABILITY
+}  // namespace fused_loss::cpu
+
+TORCH_LIBRARY_IMPL(fused_loss, CPU, m) {
+  using namespace fused_loss::cpu::ce;
+  m.impl("cross_entropy_forward", &cross_entropy_forward_cpu);
+  m.impl("cross_entropy_backward", &cross_entropy_backward_cpu);
+}

@@ -1,0 +1,45 @@
+// Column kernels of cross-entropy (inner > 1): position j of sample n holds its C logits
+// inner apart; a vector covers kLanes consecutive positions, each lane an independent row.
+#pragma once
+
+#include "common.h"
+
+namespace fused_loss::cpu {
+inline namespace CPU_CAPABILITY {
+namespace ce {
+
+
+template <typename T, typename Body>
+void for_each_column_tile(const Geometry& g, Body body) {
+  const int64_t tiles = ceil_div(g.inner, kLanes<T>);
+  at::parallel_for(0, g.outer * tiles, grain_for(g.classes * kLanes<T>), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / tiles, j0 = (task % tiles) * kLanes<T>;
+      body(n, j0, std::min(kLanes<T>, g.inner - j0));
+    }
+  });
+}
+
+// Per-lane max and, with the max known, sum of exp and the extra sums; `terms(c, v, r)`
+// adds class c's contribution. Returns lane arrays through the callbacks' captures.
+template <typename T, typename Terms>
+void column_stats(const T* xb, const Geometry& g, int64_t nl, AccVec<T>& vmax, AccVec<T>& vsum, AccVec<T>& r,
+                  Terms terms) {
+  using A = acc_t<T>;
+  using V = AccVec<T>;
+  vmax = V(kNegInf<A>);
+  for (int64_t c = 0; c < g.classes; ++c) vmax = at::vec::maximum(vmax, load_vec(xb + c * g.inner, nl));
+  const V shift = V::blendv(vmax, V(0), vmax == V(kNegInf<A>));
+  const V x0 = g.classes > 0 ? load_vec(xb, nl) : V(0);
+  r = V::blendv(V(0), x0, (x0 - x0) == V(0));  // finite lanes keep x0 (inf - inf and NaN are NaN)
+  vsum = V(0);
+  for (int64_t c = 0; c < g.classes; ++c) {
+    const V v = load_vec(xb + c * g.inner, nl);
+    vsum += (v - shift).exp_u20();
+    terms(c, v, r);
+  }
+}
+
+}  // namespace ce
+}  // namespace CPU_CAPABILITY
+}  // namespace fused_loss::cpu

@@ -1,0 +1,217 @@
+// Cross-entropy on the CPU, shared by the class-index and probability-target kernels:
+// shapes, argument checks, options, reductions and the upstream gradient.
+//
+// The input is viewed as (outer, C, inner): (N, C) has inner == 1 and its rows are
+// contiguous ("row kernels", row_kernels.h, vectorised along the classes); (N, C, d1..dk)
+// has inner = d1*..*dk and a sample's classes are inner apart ("column kernels",
+// column_kernels.h, vectorised along the inner positions, one position per vector lane).
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include "fused_loss/common.h"
+#include "fused_loss/cross_entropy_math.h"
+#include "../output_cache.h"
+#include "../vec_io.h"
+
+namespace fused_loss::cpu {
+inline namespace CPU_CAPABILITY {
+namespace ce {
+
+constexpr int64_t kBlock = 4096;        // classes kept in L1 between a block's two passes
+constexpr int64_t kChunk = 8 * kBlock;  // classes per unit of parallel work within a row
+constexpr int64_t kGrainElems = 32768;  // fewest elements worth a parallel task
+
+template <typename A>
+constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+
+template <typename A>
+A exp_scalar(A v) { return std::exp(v); }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Tasks per at::parallel_for grain so that each grain covers about kGrainElems elements.
+inline int64_t grain_for(int64_t elems_per_task) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_task));
+}
+
+// ---------------------------------------------------------------------------------
+// Shapes and argument checks
+
+struct Geometry {
+  int64_t outer;    // N
+  int64_t classes;  // C
+  int64_t inner;    // d1 * ... * dk (1 for (N, C))
+  int64_t rows() const { return outer * inner; }
+};
+
+inline Geometry geometry(const at::Tensor& input) {
+  TORCH_CHECK(input.dim() >= 2, "fused_loss.cross_entropy: expected input of shape (N, C) or (N, C, d1, ..., dk), got ",
+              input.sizes());
+  int64_t inner = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) inner *= input.size(d);
+  return {input.size(0), input.size(1), inner};
+}
+
+inline void check_input(const at::Tensor& input) {
+  TORCH_CHECK(input.device().is_cpu(), "fused_loss.cross_entropy (CPU kernel): input must be a CPU tensor");
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "fused_loss.cross_entropy: expected a floating point input, got ", input.scalar_type());
+}
+
+// Class weights as a contiguous vector in the accumulation type (empty when absent).
+template <typename A>
+std::vector<A> class_weights(const std::optional<at::Tensor>& weight, const at::Tensor& input, int64_t classes) {
+  if (!weight.has_value() || !weight->defined()) return {};
+  TORCH_CHECK(weight->dim() == 1 && weight->size(0) == classes,
+              "weight tensor should be defined either for all ", classes,
+              " classes or no classes but got weight tensor of shape: ", weight->sizes());
+  TORCH_CHECK(weight->scalar_type() == input.scalar_type(), "expected scalar type ", input.scalar_type(),
+              " but found ", weight->scalar_type(), " for weight");
+  auto w = weight->contiguous().to(c10::CppTypeToScalarType<A>::value);
+  const A* wp = w.template data_ptr<A>();
+  return std::vector<A>(wp, wp + classes);
+}
+
+// Class-index targets as contiguous int64, every one checked before any kernel reads
+// through it (a bad target must raise, never index out of bounds).
+inline at::Tensor class_targets(const at::Tensor& target, const at::Tensor& input, const Geometry& g, int64_t ignore_index) {
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte,
+              "expected target dtype to be Long or Byte, but got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() >= 1 && target.size(0) == g.outer, "Expected input batch_size (", g.outer,
+                    ") to match target batch_size (", target.dim() >= 1 ? target.size(0) : 0, ").");
+  std::vector<int64_t> expected{input.size(0)};
+  for (int64_t d = 2; d < input.dim(); ++d) expected.push_back(input.size(d));
+  TORCH_CHECK(target.sizes() == at::IntArrayRef(expected), "Expected target size ", at::IntArrayRef(expected),
+              ", got ", target.sizes());
+  auto y = target.to(at::kLong).contiguous();
+  const int64_t* yp = y.data_ptr<int64_t>();
+  const int64_t n = y.numel();
+  // Find the first bad target in index order, whatever the thread count.
+  const int64_t first_bad = at::parallel_reduce(
+      0, n, 1 << 16, n,
+      [&](int64_t b, int64_t e, int64_t ident) {
+        for (int64_t i = b; i < e; ++i) {
+          if (yp[i] != ignore_index && (yp[i] < 0 || yp[i] >= g.classes)) return i;
+        }
+        return ident;
+      },
+      [](int64_t a, int64_t b) { return std::min(a, b); });
+  TORCH_CHECK_INDEX(first_bad == n, "Target ", first_bad < n ? yp[first_bad] : 0,
+                    " is out of bounds: expected a class index in [0, ", g.classes, ") or ignore_index (",
+                    ignore_index, ")");
+  return y;
+}
+
+template <typename A>
+CrossEntropyParams<A> make_params(double label_smoothing, int64_t classes, const std::vector<A>& w) {
+  CrossEntropyParams<A> p;
+  p.smooth = label_smoothing > 0.0;  // torch applies no smoothing for values <= 0
+  p.eps = p.smooth ? A(label_smoothing) : A(0);
+  p.eps_over_c = p.smooth ? A(label_smoothing / double(classes)) : A(0);
+  double ws = double(classes);
+  if (!w.empty()) {
+    ws = 0;
+    for (A v : w) ws += v;
+  }
+  p.w_sum = A(ws);
+  return p;
+}
+
+// Log-sum-exp of a row from its max and sum of exp(x - max). A row holding NaN or +inf
+// gets NaN, as torch's log_softmax gives; the backward turns a NaN lse into NaN
+// gradients explicitly, because exp_u20 clamps NaN arguments instead of propagating them.
+template <typename A>
+A row_lse(A m, A s) {
+  if (m == std::numeric_limits<A>::infinity()) return std::numeric_limits<A>::quiet_NaN();
+  return m + std::log(s);
+}
+
+// Shift for the one-pass class sums: the row's first logit when finite, else 0.
+template <typename A>
+A row_shift(A x0) { return std::isfinite(x0) ? x0 : A(0); }
+
+// ---------------------------------------------------------------------------------
+// Entry-point helpers
+
+template <typename F>
+void dispatch_bool(bool b, F f) {
+  if (b) f(std::true_type{}); else f(std::false_type{});
+}
+
+inline at::ScalarType acc_type_of(const at::Tensor& input) { return at::toOpMathType(input.scalar_type()); }
+
+// An output of the input's shape, contiguous; large ones come from the output cache.
+inline at::Tensor new_like(const at::Tensor& input) { return empty_cached(input.sizes(), input.options()); }
+
+// Sum of per-row losses in row order (deterministic), in double.
+template <typename A>
+double sum_rows(const A* v, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += double(v[i]);
+  return s;
+}
+
+// 'mean' divides by the summed weight of the non-ignored targets (their count unweighted).
+template <typename A>
+double class_mean_denominator(const int64_t* y, int64_t n, const std::vector<A>& w, int64_t ignore_index) {
+  double d = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (y[i] != ignore_index) d += w.empty() ? 1.0 : double(w[y[i]]);
+  }
+  return d;
+}
+
+// Reduced loss from per-row losses: 'none' keeps the rows in `shape`, the others a scalar.
+inline at::Tensor reduce_loss(const at::Tensor& rows, Reduction red, double denominator, at::IntArrayRef shape,
+                       const at::Tensor& input) {
+  if (red == Reduction::None) return rows.view(shape).to(input.scalar_type());
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "fused_loss_sum_rows",
+                             [&] { total = sum_rows(rows.data_ptr<scalar_t>(), rows.numel()); });
+  if (red == Reduction::Mean) total /= denominator;  // 0 / 0 is NaN, as in torch
+  return at::scalar_tensor(total, input.options());
+}
+
+// The upstream gradient: one per row ('none') or one for all rows, already divided by
+// the 'mean' denominator.
+struct UpstreamGrad {
+  at::Tensor rows;  // acc type, contiguous, or undefined
+  double all = 0;
+};
+
+inline UpstreamGrad upstream_grad(const at::Tensor& grad_loss, Reduction red, int64_t rows, at::ScalarType acc,
+                           double denominator) {
+  UpstreamGrad u;
+  if (red == Reduction::None) {
+    TORCH_CHECK(grad_loss.numel() == rows, "fused_loss.cross_entropy backward: expected a gradient with ", rows,
+                " elements for reduction='none', got shape ", grad_loss.sizes());
+    u.rows = grad_loss.reshape(-1).to(acc).contiguous();
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, "fused_loss.cross_entropy backward: expected a scalar gradient, got shape ",
+                grad_loss.sizes());
+    u.all = grad_loss.item<double>();
+    if (red == Reduction::Mean) u.all /= denominator;
+  }
+  return u;
+}
+
+inline void check_stats(const at::Tensor& s, const char* name, const Geometry& g, at::ScalarType acc) {
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == g.rows() && s.scalar_type() == acc,
+              "fused_loss.cross_entropy backward: ", name, " must be a ", acc, " vector of ", g.rows(),
+              " elements, got ", s.scalar_type(), " of shape ", s.sizes());
+}
+
+inline void check_smoothing(double label_smoothing) {
+  TORCH_CHECK(label_smoothing <= 1.0, "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
+}
+
+}  // namespace ce
+}  // namespace CPU_CAPABILITY
+}  // namespace fused_loss::cpu

@@ -1,0 +1,188 @@
+// Cross-entropy with probability targets (the input's shape) on the CPU: one pass for the
+// loss, one for the gradients of input and target.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "column_kernels.h"
+#include "row_kernels.h"
+
+namespace fused_loss::cpu {
+inline namespace CPU_CAPABILITY {
+namespace ce {
+namespace {
+
+template <typename T, bool kWeighted>
+void prob_forward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, const Geometry& g,
+                       const CrossEntropyParams<acc_t<T>>& p, acc_t<T>* lse, acc_t<T>* swt_out, acc_t<T>* loss) {
+  using A = acc_t<T>;
+  using V = AccVec<T>;
+  const A* wp = w.empty() ? nullptr : w.data();
+  const A ome = A(1) - p.eps;
+  auto finish_row = [&](int64_t row, A m, A s, A r, A swt, A swtx) {
+    lse[row] = row_lse(m, s);
+    swt_out[row] = swt;
+    loss[row] = ce_prob_row_loss(lse[row], r, swt, swtx);
+  };
+  if (g.inner == 1) {
+    row_stats<T>(
+        x, g.outer, g.classes,
+        [&](int64_t row, int64_t c0, A r) {
+          return ProbTerms<T, kWeighted>{wp ? wp + c0 : nullptr, t + row * g.classes + c0, r, ome, p.eps_over_c};
+        },
+        [](int64_t) { return false; },
+        [&](int64_t row, const Partial<A>& pt, A r) { finish_row(row, pt.m, pt.s, r, pt.t1, pt.t2); });
+    return;
+  }
+  for_each_column_tile<T>(g, [&](int64_t n, int64_t j0, int64_t nl) {
+    const int64_t off = n * g.classes * g.inner + j0;
+    V vmax, vsum, r, vswt(0), vswtx(0);
+    column_stats<T>(x + off, g, nl, vmax, vsum, r, [&](int64_t c, const V& v, const V& rr) {
+      V wt = ce_smoothed_target(load_vec(t + off + c * g.inner, nl), V(ome), V(p.eps_over_c));
+      if constexpr (kWeighted) wt = wt * V(wp[c]);
+      vswt += wt;
+      vswtx += wt * (v - rr);
+    });
+    __at_align__ A am[kLanes<T>], as[kLanes<T>], ar[kLanes<T>], a1[kLanes<T>], a2[kLanes<T>];
+    vmax.store(am), vsum.store(as), r.store(ar), vswt.store(a1), vswtx.store(a2);
+    for (int64_t j = 0; j < nl; ++j) finish_row(n * g.inner + j0 + j, am[j], as[j], ar[j], a1[j], a2[j]);
+  });
+}
+
+// dx_c = g (p_c S - w_c t'_c),  dt_c = g (1 - eps) w_c (lse - x_c).
+template <typename T, bool kWeighted>
+void prob_backward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, const Geometry& g,
+                        const CrossEntropyParams<acc_t<T>>& p, const acc_t<T>* lse, const acc_t<T>* swt,
+                        const acc_t<T>* grad_rows, acc_t<T> grad_all, T* dx, T* dt) {
+  using A = acc_t<T>;
+  using V = AccVec<T>;
+  const A* wp = w.empty() ? nullptr : w.data();
+  const A ome = A(1) - p.eps;
+  auto grad_of = [&](int64_t row) { return grad_rows ? grad_rows[row] : grad_all; };
+  if (g.inner == 1) {
+    // One pass writes both gradients: the input's through row_grad, the target's beside it.
+    row_grad<T>(x, dx, dx ? dx : dt, g.outer, g.classes, [](int64_t) { return false; }, [&](int64_t row, int64_t c0) {
+      const A gr = grad_of(row);
+      const A gs = std::isnan(lse[row]) ? lse[row] : gr * swt[row];  // see row_lse
+      const V vl(lse[row]), vgs(gs), vg(gr), vgo(gr * ome), vome(ome), veps(p.eps_over_c);
+      const A* wc = wp ? wp + c0 : nullptr;
+      const T* tc = t + row * g.classes + c0;
+      T* dtc = dt ? dt + row * g.classes + c0 : nullptr;
+      return [=](int64_t i, V* v, int64_t cnt) {
+        V tv[kVecsPerLine<T>], gt[kVecsPerLine<T>];
+        if (dx) load_line_n(tc + i, tv, cnt);
+        for (int k = 0; k < kVecsPerLine<T>; ++k) {
+          V wv(1);
+          if constexpr (kWeighted) {
+            const int64_t n = lanes_in<T>(cnt, k), c = i + k * kLanes<T>;
+            if (n > 0) wv = n == kLanes<T> ? V::loadu(wc + c) : V::loadu(wc + c, n);
+          }
+          if (dtc) gt[k] = vgo * wv * (vl - v[k]);
+          if (dx) v[k] = (v[k] - vl).exp_u20() * vgs - vg * ce_smoothed_target(tv[k], vome, veps) * wv;
+        }
+        if (dtc) store_or_stream(dtc + i, gt, cnt);
+      };
+    });
+    return;
+  }
+  for_each_column_tile<T>(g, [&](int64_t n, int64_t j0, int64_t nl) {
+    __at_align__ A gl[kLanes<T>] = {}, gs[kLanes<T>] = {}, l[kLanes<T>] = {};
+    for (int64_t j = 0; j < nl; ++j) {
+      const int64_t row = n * g.inner + j0 + j;
+      gl[j] = grad_of(row), gs[j] = std::isnan(lse[row]) ? lse[row] : gl[j] * swt[row], l[j] = lse[row];
+    }
+    const V vg = V::loadu(gl), vgs = V::loadu(gs), vl = V::loadu(l), vgo = vg * V(ome);
+    const int64_t base = n * g.classes * g.inner + j0;
+    for (int64_t c = 0; c < g.classes; ++c) {
+      const int64_t off = base + c * g.inner;
+      const V v = load_vec(x + off, nl);
+      const V wv(wp ? wp[c] : A(1));
+      if (dx) {
+        const V wt = ce_smoothed_target(load_vec(t + off, nl), V(ome), V(p.eps_over_c)) * wv;
+        store_vec(dx + off, (v - vl).exp_u20() * vgs - vg * wt, nl);
+      }
+      if (dt) store_vec(dt + off, vgo * wv * (vl - v), nl);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// Operator entry points
+
+void check_prob_target(const at::Tensor& input, const at::Tensor& target) {
+  TORCH_CHECK(target.sizes() == input.sizes(), "fused_loss.cross_entropy: probability targets must have the input's shape ",
+              input.sizes(), ", got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == input.scalar_type(), "fused_loss.cross_entropy: probability targets must have the input's dtype ",
+              input.scalar_type(), ", got ", target.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_cpu(const at::Tensor& input,
+                                                                              const at::Tensor& target,
+                                                                              const std::optional<at::Tensor>& weight,
+                                                                              int64_t reduction,
+                                                                              double label_smoothing) {
+  check_input(input);
+  check_smoothing(label_smoothing);
+  check_prob_target(input, target);
+  const Reduction red = to_reduction(reduction);
+  const Geometry g = geometry(input);
+  const at::Tensor x = input.contiguous(), t = target.contiguous();
+  const auto acc = acc_type_of(input);
+  at::Tensor lse = at::empty({g.rows()}, input.options().dtype(acc));
+  at::Tensor swt = at::empty({g.rows()}, input.options().dtype(acc));
+  at::Tensor rows = at::empty({g.rows()}, input.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_prob_forward", [&] {
+    using A = acc_t<scalar_t>;
+    const auto w = class_weights<A>(weight, input, g.classes);
+    const auto p = make_params<A>(label_smoothing, g.classes, w);
+    dispatch_bool(!w.empty(), [&](auto W) {
+      prob_forward_impl<scalar_t, decltype(W)::value>(x.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), w, g, p,
+                                                      lse.data_ptr<A>(), swt.data_ptr<A>(), rows.data_ptr<A>());
+    });
+  });
+  std::vector<int64_t> shape{input.size(0)};
+  for (int64_t d = 2; d < input.dim(); ++d) shape.push_back(input.size(d));
+  // 'mean' averages over rows, whatever the weights (torch's rule for probability targets).
+  return {reduce_loss(rows, red, double(g.rows()), shape, input), lse, swt};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& swt, int64_t reduction,
+    double label_smoothing, bool input_grad, bool target_grad) {
+  check_input(input);
+  check_smoothing(label_smoothing);
+  check_prob_target(input, target);
+  const Reduction red = to_reduction(reduction);
+  const Geometry g = geometry(input);
+  const auto acc = acc_type_of(input);
+  check_stats(lse, "lse", g, acc);
+  check_stats(swt, "swt", g, acc);
+  const at::Tensor x = input.contiguous(), t = target.contiguous(), l = lse.contiguous(), s = swt.contiguous();
+  at::Tensor dx = input_grad ? new_like(input) : at::empty({0}, input.options());
+  at::Tensor dt = target_grad ? new_like(target) : at::empty({0}, target.options());
+  const UpstreamGrad u = upstream_grad(grad_loss, red, g.rows(), acc, double(g.rows()));
+  if (!input_grad && !target_grad) return {dx, dt};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_prob_backward", [&] {
+    using A = acc_t<scalar_t>;
+    const auto w = class_weights<A>(weight, input, g.classes);
+    const auto p = make_params<A>(label_smoothing, g.classes, w);
+    dispatch_bool(!w.empty(), [&](auto W) {
+      prob_backward_impl<scalar_t, decltype(W)::value>(
+          x.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), w, g, p, l.data_ptr<A>(), s.data_ptr<A>(),
+          u.rows.defined() ? u.rows.data_ptr<A>() : nullptr, A(u.all),
+          input_grad ? dx.data_ptr<scalar_t>() : nullptr, target_grad ? dt.data_ptr<scalar_t>() : nullptr);
+    });
+  });
+  return {dx, dt};
+}
+
+}  // namespace
+}  // namespace ce
+}  // namespace CPU_CAPABILITY
+}  // namespace fused_loss::cpu
+
+TORCH_LIBRARY_IMPL(fused_loss, CPU, m) {
+  using namespace fused_loss::cpu::ce;
+  m.impl("cross_entropy_prob_forward", &cross_entropy_prob_forward_cpu);
+  m.impl("cross_entropy_prob_backward", &cross_entropy_prob_backward_cpu);
+}

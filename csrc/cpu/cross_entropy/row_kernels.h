@@ -1,0 +1,268 @@
+// Row kernels of cross-entropy (inner == 1): one row of C contiguous logits, vectorised
+// along the classes.
+//
+// Determinism. A row is cut into fixed chunks of kChunk classes (its unit of parallel
+// work when rows are few) and each chunk into kBlock-sized blocks; partial results are
+// always merged in the same order, so the bits do not depend on the thread count.
+#pragma once
+
+#include "common.h"
+
+namespace fused_loss::cpu {
+inline namespace CPU_CAPABILITY {
+namespace ce {
+
+
+// Per-line loop over [0, n): f(offset, count), count == kLine<T> except maybe the last.
+template <typename T, typename F>
+inline void for_each_line(int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + kLine<T> <= n; i += kLine<T>) f(i, kLine<T>);
+  if (i < n) f(i, n - i);
+}
+
+// Same, but the first (partial) line ends where `out + offset` is aligned for
+// stream_line, so every full line can be stored non-temporally.
+template <typename T, typename F>
+inline void for_each_aligned_line(const T* out, int64_t n, F&& f) {
+  const auto addr = reinterpret_cast<uintptr_t>(out);
+  int64_t head = int64_t((kLineBytes<T> - addr % kLineBytes<T>) % kLineBytes<T>) / int64_t(sizeof(T));
+  if (addr % sizeof(T) != 0) head = n;  // misaligned element type: no streaming at all
+  head = std::min(head, n);
+  if (head > 0) f(int64_t(0), head);
+  for_each_line<T>(n - head, [&](int64_t i, int64_t cnt) { f(head + i, cnt); });
+}
+
+template <typename T>
+inline void load_line_n(const T* p, AccVec<T>* v, int64_t cnt) {
+  if (cnt == kLine<T>) load_line(p, v); else load_line(p, v, cnt);
+}
+
+// Lanes of vector k of a line of `cnt` elements that hold data.
+template <typename T>
+inline int64_t lanes_in(int64_t cnt, int k) {
+  return std::min<int64_t>(std::max<int64_t>(cnt - k * kLanes<T>, 0), kLanes<T>);
+}
+
+template <typename T>
+inline void store_or_stream(T* p, const AccVec<T>* v, int64_t cnt) {
+  if (cnt == kLine<T>) stream_line(p, v); else store_line(p, v, cnt);
+}
+
+// Statistics of one chunk of a row: max, sum of exp(x - max), and up to two extra sums
+// that the target kind (`Terms`) gathers in the same pass.
+template <typename A>
+struct Partial {
+  A m = kNegInf<A>;
+  A s = A(0);
+  A t1 = A(0);
+  A t2 = A(0);
+
+  void merge(const Partial& o) {
+    merge_max_sumexp(m, s, o.m, o.s, exp_scalar<A>);
+    t1 += o.t1;
+    t2 += o.t2;
+  }
+};
+
+// Extra sums for class-index targets with label smoothing: t1 = sum_c w_c (x_c - r).
+template <typename T, bool kWeighted>
+struct SmoothingTerms {
+  using A = acc_t<T>;
+  using V = AccVec<T>;
+  const A* w;  // class weights at the chunk's first class
+  A r;
+  V acc{0};
+
+  // v: the logits of the line at `offset`, cnt of them valid.
+  void add(const V* v, int64_t offset, int64_t cnt) {
+    for (int k = 0; k < kVecsPerLine<T>; ++k) {
+      const int64_t n = lanes_in<T>(cnt, k);
+      if (n == 0) break;
+      V d = v[k] - V(r);
+      if constexpr (kWeighted) d = d * (n == kLanes<T> ? V::loadu(w + offset + k * kLanes<T>) : V::loadu(w + offset + k * kLanes<T>, n));
+      acc += keep_first(d, n, A(0));
+    }
+  }
+  void finish(Partial<A>& p) const { p.t1 = reduce_sum(acc); }
+};
+
+// Extra sums for probability targets: t1 = sum_c w_c t'_c, t2 = sum_c w_c t'_c (x_c - r).
+template <typename T, bool kWeighted>
+struct ProbTerms {
+  using A = acc_t<T>;
+  using V = AccVec<T>;
+  const A* w;
+  const T* t;  // targets at the chunk's first class
+  A r, one_minus_eps, eps_over_c;
+  V swt{0}, swtx{0};
+
+  void add(const V* v, int64_t offset, int64_t cnt) {
+    V tv[kVecsPerLine<T>];
+    load_line_n(t + offset, tv, cnt);
+    for (int k = 0; k < kVecsPerLine<T>; ++k) {
+      const int64_t n = lanes_in<T>(cnt, k);
+      if (n == 0) break;
+      V wt = ce_smoothed_target(tv[k], V(one_minus_eps), V(eps_over_c));
+      if constexpr (kWeighted) wt = wt * (n == kLanes<T> ? V::loadu(w + offset + k * kLanes<T>) : V::loadu(w + offset + k * kLanes<T>, n));
+      wt = keep_first(wt, n, A(0));
+      swt += wt;
+      swtx += keep_first(wt * (v[k] - V(r)), n, A(0));
+    }
+  }
+  void finish(Partial<A>& p) const {
+    p.t1 = reduce_sum(swt);
+    p.t2 = reduce_sum(swtx);
+  }
+};
+
+// No extra sums (class-index targets without smoothing).
+template <typename T>
+struct NoTerms {
+  void add(const AccVec<T>*, int64_t, int64_t) {}
+  void finish(Partial<acc_t<T>>&) const {}
+};
+
+// Accumulators per reduction: independent chains hide the latency of max and add.
+constexpr int kAcc = 4;
+
+// One chunk of a row, block by block: pass 1 streams the block from memory for its max,
+// pass 2 re-reads it from L1 for the sums. One exp per element.
+template <typename T, typename Terms>
+Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms) {
+  using A = acc_t<T>;
+  using V = AccVec<T>;
+  constexpr int NV = kVecsPerLine<T>;
+  Partial<A> part;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t len = std::min(kBlock, n - b);
+    const int64_t full = len / (kAcc * kLine<T>) * (kAcc * kLine<T>);  // lines in groups of kAcc
+    const T* xb = x + b;
+    V acc[kAcc];
+    for (auto& a : acc) a = V(kNegInf<A>);
+    for (int64_t i = 0; i < full; i += kAcc * kLine<T>) {
+      for (int u = 0; u < kAcc; ++u) {
+        prefetch(xb + i + u * kLine<T>);
+        V v[NV];
+        load_line(xb + i + u * kLine<T>, v);
+        for (int k = 0; k < NV; ++k) acc[u] = at::vec::maximum(acc[u], v[k]);
+      }
+    }
+    for_each_line<T>(len - full, [&](int64_t i, int64_t cnt) {
+      V v[NV];
+      load_line_n(xb + full + i, v, cnt);
+      for (int k = 0; k < NV; ++k) {
+        const int64_t nk = lanes_in<T>(cnt, k);
+        if (nk > 0) acc[0] = at::vec::maximum(acc[0], keep_first(v[k], nk, kNegInf<A>));
+      }
+    });
+    const A mb = reduce_max(at::vec::maximum(at::vec::maximum(acc[0], acc[1]), at::vec::maximum(acc[2], acc[3])));
+    const V shift(mb == kNegInf<A> ? A(0) : mb);  // an all -inf block adds exp(-inf) = 0
+    for (auto& a : acc) a = V(0);
+    for (int64_t i = 0; i < full; i += kAcc * kLine<T>) {
+      for (int u = 0; u < kAcc; ++u) {
+        const int64_t off = i + u * kLine<T>;
+        // Fetch the next block while this one is busy with exp, so that pass 1 of the
+        // next block finds it in cache.
+        prefetch_ahead(xb + off, kBlock * int64_t(sizeof(T)));
+        V v[NV];
+        load_line(xb + off, v);
+        for (int k = 0; k < NV; ++k) acc[u] += (v[k] - shift).exp_u20();
+        terms.add(v, b + off, kLine<T>);
+      }
+    }
+    for_each_line<T>(len - full, [&](int64_t i, int64_t cnt) {
+      V v[NV];
+      load_line_n(xb + full + i, v, cnt);
+      for (int k = 0; k < NV; ++k) {
+        const int64_t nk = lanes_in<T>(cnt, k);
+        if (nk > 0) acc[0] += keep_first((v[k] - shift).exp_u20(), nk, A(0));
+      }
+      terms.add(v, b + full + i, cnt);
+    });
+    Partial<A> blk;
+    blk.m = mb;
+    blk.s = reduce_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    part.merge(blk);
+  }
+  terms.finish(part);
+  return part;
+}
+
+// Runs chunk_stats over every (row, chunk) in parallel, then merges each row's chunks in
+// order and hands (row, merged partial) to `finish`.
+template <typename T, typename MakeTerms, typename Skip, typename Finish>
+void row_stats(const T* x, int64_t rows, int64_t classes, MakeTerms make_terms, Skip skip, Finish finish) {
+  using A = acc_t<T>;
+  const int64_t nchunks = std::max<int64_t>(1, ceil_div(classes, kChunk));
+  std::vector<Partial<A>> parts(rows * nchunks);
+  at::parallel_for(0, rows * nchunks, grain_for(std::min(classes, kChunk)), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / nchunks, c0 = (task % nchunks) * kChunk;
+      if (skip(row) || c0 >= classes) continue;
+      const T* xr = x + row * classes;
+      const A r = row_shift(static_cast<A>(xr[0]));
+      parts[task] = chunk_stats<T>(xr + c0, std::min(kChunk, classes - c0), make_terms(row, c0, r));
+    }
+  });
+  at::parallel_for(0, rows, grain_for(nchunks * 8), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      if (skip(row)) {
+        finish(row, Partial<A>{}, A(0));
+        continue;
+      }
+      Partial<A> p = parts[row * nchunks];
+      for (int64_t k = 1; k < nchunks; ++k) p.merge(parts[row * nchunks + k]);
+      finish(row, p, row_shift(static_cast<A>(x[row * classes])));
+    }
+  });
+}
+
+// Computes a row's gradient chunk by chunk over all (row, chunk) tasks in parallel.
+// make_line(row, c0) returns, once per chunk, a functor line(i, v, cnt) that turns the
+// logits v of the line at class c0 + i into its gradient, which is stored to `out`
+// unless out is null (a line functor may also write other outputs itself). A row for
+// which zero(row) holds gets zeros in `out` without its logits being read. `align` is
+// the output whose alignment decides which lines are streamed; every output is a fresh
+// contiguous tensor of the input's shape, so all share that alignment.
+template <typename T, typename Zero, typename MakeLine>
+void row_grad(const T* x, T* out, const T* align, int64_t rows, int64_t classes, Zero zero, MakeLine make_line) {
+  using V = AccVec<T>;
+  const int64_t nchunks = std::max<int64_t>(1, ceil_div(classes, kChunk));
+  at::parallel_for(0, rows * nchunks, grain_for(std::min(classes, kChunk)), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / nchunks, c0 = (task % nchunks) * kChunk;
+      if (c0 >= classes) continue;
+      const int64_t n = std::min(kChunk, classes - c0), off = row * classes + c0;
+      if (zero(row)) {
+        const V zeros[kVecsPerLine<T>] = {};
+        for_each_aligned_line(align + off, n, [&](int64_t i, int64_t cnt) { store_or_stream(out + off + i, zeros, cnt); });
+        continue;
+      }
+      auto line = make_line(row, c0);
+      for_each_aligned_line(align + off, n, [&](int64_t i, int64_t cnt) {
+        prefetch(x + off + i);
+        V v[kVecsPerLine<T>];
+        load_line_n(x + off + i, v, cnt);
+        line(i, v, cnt);
+        if (out) store_or_stream(out + off + i, v, cnt);
+      });
+    }
+    stream_fence();
+  });
+}
+
+// Subtracts `value` at position `lane` of a line held as vectors.
+template <typename T>
+inline void sub_at(AccVec<T>* v, int64_t lane, acc_t<T> value) {
+  using A = acc_t<T>;
+  __at_align__ A tmp[kLanes<T>];
+  const int k = int(lane / kLanes<T>);
+  v[k].store(tmp);
+  tmp[lane % kLanes<T>] -= value;
+  v[k] = AccVec<T>::loadu(tmp);
+}
+
+}  // namespace ce
+}  // namespace CPU_CAPABILITY
+}  // namespace fused_loss::cpu
