@@ -15,22 +15,22 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fused_loss, m) {
-  // Class-index targets. Returns the loss (reduced as asked) and the log-sum-exp of
-  // every row, which is all the backward needs besides the inputs.
+  // Class-index targets. Returns the loss (reduced as asked) and the row statistics the
+  // backward needs besides the inputs: a (2, rows) tensor of row maxima and log-sums.
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index, "
-      "float label_smoothing) -> (Tensor loss, Tensor lse)");
+      "float label_smoothing) -> (Tensor loss, Tensor stats)");
   m.def(
-      "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
+      "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor stats, "
       "int reduction, int ignore_index, float label_smoothing) -> Tensor");
-  // Probability targets (same shape as input). swt is each row's sum of weighted
-  // smoothed targets, kept for the backward.
+  // Probability targets (same shape as input). Its stats have a third row: each row's sum
+  // of weighted smoothed targets.
   m.def(
       "cross_entropy_prob_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
-      "float label_smoothing) -> (Tensor loss, Tensor lse, Tensor swt)");
+      "float label_smoothing) -> (Tensor loss, Tensor stats)");
   m.def(
-      "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor lse, "
-      "Tensor swt, int reduction, float label_smoothing, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+      "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor stats, "
+      "int reduction, float label_smoothing, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
 
   // Elementwise losses. Forward returns the loss (per element for reduction 0, else a
   // scalar); backward returns (grad_input, grad_target), each empty when not asked for.

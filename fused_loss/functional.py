@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
+from . import composite, reference
 from .ops import REDUCTIONS, ops
 
 
@@ -38,6 +39,9 @@ def cross_entropy(
     size_average and reduce are torch's deprecated arguments, kept so that positional
     calls mean the same thing.
     """
+    if composite.needs_composite(input, target, weight):
+        return reference.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                       label_smoothing)
     red = reduction_enum(_legacy_reduction(size_average, reduce, reduction))
     if input.dim() == 0:
         raise ValueError("cross_entropy: expected input of shape (C,), (N, C) or (N, C, d1, ..., dk), got a 0-dim tensor")
@@ -45,7 +49,11 @@ def cross_entropy(
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     probabilities = input.shape == target.shape  # torch's rule for soft targets
     unbatched = input.dim() == 1
-    if unbatched:  # one row
+    if unbatched:  # one row; torch also takes a class target of shape (1,) for it
+        if not probabilities and target.dim() == 1:
+            if target.shape[0] != 1:
+                raise RuntimeError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
+            target = target.squeeze(0)
         input, target = input.unsqueeze(0), target.unsqueeze(0)
     loss = _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoothing, probabilities)
     return loss.squeeze(0) if unbatched and red == 0 else loss
@@ -53,6 +61,9 @@ def cross_entropy(
 
 def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoothing, probabilities):
     if not probabilities:
+        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("fused_loss.cross_entropy: the loss is not differentiable with respect to argument "
+                               "'weight' for class-index targets (as in torch); detach the weight")
         return ops.cross_entropy_forward(input, target, weight, red, ignore_index, float(label_smoothing))[0]
     if not target.dtype.is_floating_point:
         raise RuntimeError(f"Expected floating point type for target with class probabilities, got {target.dtype}")
@@ -82,17 +93,21 @@ def binary_cross_entropy_with_logits(
     """Drop-in for torch.nn.functional.binary_cross_entropy_with_logits: one fused pass.
     weight broadcasts to the input's shape; pos_weight along the last (class) dimension, as in
     torch. Soft targets in [0, 1]; gradients w.r.t. input and target."""
+    if composite.needs_composite(input, target, weight, pos_weight):
+        return reference.binary_cross_entropy_with_logits(input, target, weight, size_average, reduce, reduction,
+                                                          pos_weight)
     red = reduction_enum(_legacy_reduction(size_average, reduce, reduction))
     if target.size() != input.size():
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
     _check_floating_input(input, "binary_cross_entropy_with_logits")
     if not target.dtype.is_floating_point:
         raise RuntimeError(f"result type {input.dtype} can't be cast to the desired output type {target.dtype}")
-    dtype = torch.promote_types(input.dtype, target.dtype)  # torch promotes the target
-    input, target = input.to(dtype), target.to(dtype)
+    # torch returns the target's dtype; we compute in the promoted one, then round once.
+    dtype = torch.promote_types(input.dtype, target.dtype)
     weight = None if weight is None else weight.to(dtype)
     pos_weight = None if pos_weight is None else pos_weight.to(dtype)
-    return ops.binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, red)
+    loss = ops.binary_cross_entropy_with_logits_forward(input.to(dtype), target.to(dtype), weight, pos_weight, red)
+    return loss.to(target.dtype)
 
 
 def _broadcast_like_torch(input: Tensor, target: Tensor):
@@ -116,12 +131,15 @@ def smooth_l1_loss(
     beta: float = 1.0,
 ) -> Tensor:
     """Drop-in for torch.nn.functional.smooth_l1_loss (beta = 0 is L1, NaN-free)."""
+    if composite.needs_composite(input, target):
+        return reference.smooth_l1_loss(input, target, size_average, reduce, reduction, beta)
     red = reduction_enum(_legacy_reduction(size_average, reduce, reduction))
     input, target = _broadcast_like_torch(input, target)
-    _check_floating_input(input, "smooth_l1_loss")
+    dtype = torch.promote_types(input.dtype, target.dtype)  # computed and returned in it, as in torch
+    if not dtype.is_floating_point:
+        raise NotImplementedError(f"fused_loss.smooth_l1_loss: expected a floating point input or target, got {dtype}")
     if beta < 0:
         raise RuntimeError("smooth_l1_loss does not support negative values for beta.")
-    dtype = torch.promote_types(input.dtype, target.dtype)
     return ops.smooth_l1_loss_forward(input.to(dtype), target.to(dtype), red, float(beta))
 
 
@@ -130,18 +148,25 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: fl
     """Drop-in for torch.nn.functional.huber_loss."""
     if weight is not None:
         raise NotImplementedError("fused_loss.huber_loss: weight is not supported yet")
+    if composite.needs_composite(input, target):
+        return reference.huber_loss(input, target, reduction, delta)
     red = reduction_enum(reduction)
     input, target = _broadcast_like_torch(input, target)
-    _check_floating_input(input, "huber_loss")
+    # torch computes in the promoted dtype and returns the input's.
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    if not input.dtype.is_floating_point:
+        raise RuntimeError(f"result type {dtype} can't be cast to the desired output type {input.dtype}")
     if delta <= 0:
         raise RuntimeError("huber_loss does not support non-positive values for delta.")
-    return ops.huber_loss_forward(input, target.to(input.dtype), red, float(delta))  # torch keeps the input's dtype
+    return ops.huber_loss_forward(input.to(dtype), target.to(dtype), red, float(delta)).to(input.dtype)
 
 
 def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
                        reduction: str = "none") -> Tensor:
     """torchvision.ops.sigmoid_focal_loss in one fused pass: alpha_t * BCE * (1 - p_t)^gamma,
     no alpha weighting when alpha < 0."""
+    if composite.needs_composite(inputs, targets):
+        return reference.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
     if reduction not in REDUCTIONS:
         raise ValueError(f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: "
                          "'none', 'mean', 'sum'")

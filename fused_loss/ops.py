@@ -2,11 +2,18 @@
 
 The schemas live in csrc/fused_loss.cpp and the kernels in csrc/<backend>/. Each
 backward is itself a registered op, so torch.compile traces it like any other.
+
+Higher-order derivatives. Every backward op is differentiable too: its own backward (a
+second derivative, needed by double backward, gradient penalties and gradgradcheck) is
+the vector-Jacobian product of the first derivative of the loss written in torch ops
+(fused_loss/composite.py), so it is exact to any order. First derivatives stay fused.
 """
 import math
 
 import torch
 from torch.library import register_autograd, register_fake
+
+from . import composite
 
 ops = torch.ops.fused_loss
 
@@ -32,50 +39,8 @@ def _check_input(input: torch.Tensor):
     torch._check(input.dtype.is_floating_point, lambda: f"expected a floating point input, got {input.dtype}")
 
 
-# --- class-index targets -------------------------------------------------------------
-
-@register_fake("fused_loss::cross_entropy_forward")
-def _(input, target, weight, reduction, ignore_index, label_smoothing):
-    _check_input(input)
-    torch._check(tuple(target.shape) == _row_shape(input), lambda: "target shape does not match input")
-    loss = input.new_empty(target.shape if reduction == 0 else ())
-    return loss, input.new_empty((_rows(input),), dtype=acc_dtype(input.dtype))
-
-
-@register_fake("fused_loss::cross_entropy_backward")
-def _(grad_loss, input, target, weight, lse, reduction, ignore_index, label_smoothing):
-    _check_input(input)
-    return torch.empty_like(input, memory_format=torch.contiguous_format)
-
-
-def _ce_setup_context(ctx, inputs, output):
-    input, target, weight, reduction, ignore_index, label_smoothing = inputs
-    ctx.save_for_backward(input, target, weight, output[1])
-    ctx.args = (reduction, ignore_index, label_smoothing)
-
-
-def _ce_backward(ctx, grad_loss, grad_lse):
-    input, target, weight, lse = ctx.saved_tensors
-    if ctx.needs_input_grad[2]:
-        raise NotImplementedError("fused_loss.cross_entropy: the derivative for 'weight' is not implemented (as in torch)")
-    grad_input = None
-    if ctx.needs_input_grad[0]:
-        grad_input = ops.cross_entropy_backward(grad_loss, input, target, weight, lse, *ctx.args)
-    return grad_input, None, None, None, None, None
-
-
-register_autograd("fused_loss::cross_entropy_forward", _ce_backward, setup_context=_ce_setup_context)
-
-
-# --- probability targets -------------------------------------------------------------
-
-@register_fake("fused_loss::cross_entropy_prob_forward")
-def _(input, target, weight, reduction, label_smoothing):
-    _check_input(input)
-    torch._check(target.shape == input.shape, lambda: "probability targets must have the input's shape")
-    loss = input.new_empty(_row_shape(input) if reduction == 0 else ())
-    stats = input.new_empty((_rows(input),), dtype=acc_dtype(input.dtype))
-    return loss, stats, torch.empty_like(stats)
+def _row_stats_fake(input: torch.Tensor, parts: int):
+    return input.new_empty((parts, _rows(input)), dtype=acc_dtype(input.dtype))
 
 
 def _grad_pair_fake(input, target, input_grad, target_grad):
@@ -85,31 +50,155 @@ def _grad_pair_fake(input, target, input_grad, target_grad):
     return dx, dt
 
 
+# --- second derivatives ------------------------------------------------------------------
+
+def _grad_of_grads(loss_fn, grad_loss, primals, wrt, cotangents, create_graph):
+    """Backward of a backward op: the first derivatives of loss_fn(*primals) under the
+    upstream gradient grad_loss, differentiated against `cotangents` with respect to
+    grad_loss and the primals. wrt[i] says whether primal i has a first derivative (an
+    output of the backward op). Returns the gradients of (grad_loss, *primals)."""
+    with torch.enable_grad():
+        gl = composite.tracked(grad_loss)
+        ps = [composite.tracked(p) if p is not None and p.is_floating_point() else p for p in primals]
+        firsts_wrt = [p for p, w in zip(ps, wrt) if w]
+        firsts = torch.autograd.grad(loss_fn(*ps), firsts_wrt, gl, create_graph=True, allow_unused=True)
+        pairs = [(f, c) for f, c in zip(firsts, cotangents) if f is not None and c is not None]
+        inputs = [gl] + [p for p in ps if p is not None and p.requires_grad]
+        if not pairs:
+            grads = [None] * len(inputs)
+        else:
+            outs, cots = zip(*pairs)
+            grads = list(torch.autograd.grad(outs, inputs, cots, create_graph=create_graph, allow_unused=True))
+    it = iter(grads)
+    result = [next(it)]
+    for p in ps:
+        result.append(next(it) if p is not None and p.requires_grad else None)
+    return result
+
+
+def _grad_pair(dx, dt, input_grad, target_grad):
+    """The cotangents of a backward op's (grad_input, grad_target) that exist."""
+    return [dx if input_grad else None, dt if target_grad else None]
+
+
+# --- class-index targets -------------------------------------------------------------
+
+@register_fake("fused_loss::cross_entropy_forward")
+def _(input, target, weight, reduction, ignore_index, label_smoothing):
+    _check_input(input)
+    torch._check(tuple(target.shape) == _row_shape(input), lambda: "target shape does not match input")
+    loss = input.new_empty(target.shape if reduction == 0 else ())
+    return loss, _row_stats_fake(input, 2)
+
+
+@register_fake("fused_loss::cross_entropy_backward")
+def _(grad_loss, input, target, weight, stats, reduction, ignore_index, label_smoothing):
+    _check_input(input)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    input, target, weight, reduction, ignore_index, label_smoothing = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(input, target, weight, output[1])
+    ctx.args = (reduction, ignore_index, label_smoothing)
+
+
+def _ce_backward(ctx, grad_loss, grad_stats):
+    input, target, weight, stats = ctx.saved_tensors
+    if ctx.needs_input_grad[2]:
+        raise NotImplementedError("fused_loss.cross_entropy: the derivative for 'weight' is not implemented "
+                                  "for class-index targets (as in torch)")
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_input = ops.cross_entropy_backward(grad_loss, input, target, weight, stats, *ctx.args)
+    return grad_input, None, None, None, None, None
+
+
+register_autograd("fused_loss::cross_entropy_forward", _ce_backward, setup_context=_ce_setup_context)
+
+
+def _ce_grad_setup_context(ctx, inputs, output):
+    grad_loss, input, target, weight, stats, *args = inputs
+    ctx.save_for_backward(grad_loss, input, target, weight)
+    ctx.args = args
+
+
+def _ce_grad_backward(ctx, grad_dx):
+    grad_loss, input, target, weight = ctx.saved_tensors
+    if ctx.needs_input_grad[3]:
+        raise NotImplementedError("fused_loss.cross_entropy: the derivative for 'weight' is not implemented "
+                                  "for class-index targets (as in torch)")
+    gl, gx, _ = _grad_of_grads(lambda x, t: composite.cross_entropy_forward(x, t, weight, *ctx.args), grad_loss,
+                               [input, target], [True, False], [grad_dx], torch.is_grad_enabled())
+    return gl, gx, None, None, None, None, None, None
+
+
+register_autograd("fused_loss::cross_entropy_backward", _ce_grad_backward, setup_context=_ce_grad_setup_context)
+
+
+# --- probability targets -------------------------------------------------------------
+
+@register_fake("fused_loss::cross_entropy_prob_forward")
+def _(input, target, weight, reduction, label_smoothing):
+    _check_input(input)
+    torch._check(target.shape == input.shape, lambda: "probability targets must have the input's shape")
+    loss = input.new_empty(_row_shape(input) if reduction == 0 else ())
+    return loss, _row_stats_fake(input, 3)
+
+
 @register_fake("fused_loss::cross_entropy_prob_backward")
-def _(grad_loss, input, target, weight, lse, swt, reduction, label_smoothing, input_grad, target_grad):
+def _(grad_loss, input, target, weight, stats, reduction, label_smoothing, input_grad, target_grad):
     _check_input(input)
     return _grad_pair_fake(input, target, input_grad, target_grad)
 
 
 def _ce_prob_setup_context(ctx, inputs, output):
     input, target, weight, reduction, label_smoothing = inputs
-    ctx.save_for_backward(input, target, weight, output[1], output[2])
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(input, target, weight, output[1])
     ctx.args = (reduction, label_smoothing)
 
 
-def _ce_prob_backward(ctx, grad_loss, grad_lse, grad_swt):
-    input, target, weight, lse, swt = ctx.saved_tensors
-    if ctx.needs_input_grad[2]:
-        raise NotImplementedError("fused_loss.cross_entropy: the derivative for 'weight' is not implemented")
-    need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+def _ce_prob_backward(ctx, grad_loss, grad_stats):
+    input, target, weight, stats = ctx.saved_tensors
+    need_input, need_target, need_weight = ctx.needs_input_grad[:3]
+    if need_weight:
+        # Rare (torch differentiates the weight of probability targets; we follow): the
+        # composite formula gives every gradient, the weight's included.
+        grads = composite.vjp(lambda x, t, w: composite.cross_entropy_prob_forward(x, t, w, *ctx.args),
+                              [input, target, weight], [need_input, need_target, True], grad_loss)
+        return (*grads, None, None)
     if not (need_input or need_target):
         return None, None, None, None, None
-    dx, dt = ops.cross_entropy_prob_backward(
-        grad_loss, input, target, weight, lse, swt, *ctx.args, need_input, need_target)
+    dx, dt = ops.cross_entropy_prob_backward(grad_loss, input, target, weight, stats, *ctx.args, need_input,
+                                             need_target)
     return (dx if need_input else None), (dt if need_target else None), None, None, None
 
 
 register_autograd("fused_loss::cross_entropy_prob_forward", _ce_prob_backward, setup_context=_ce_prob_setup_context)
+
+
+def _ce_prob_grad_setup_context(ctx, inputs, output):
+    grad_loss, input, target, weight, stats, reduction, label_smoothing, input_grad, target_grad = inputs
+    ctx.save_for_backward(grad_loss, input, target, weight)
+    ctx.args = (reduction, label_smoothing)
+    ctx.flags = (input_grad, target_grad)
+
+
+def _ce_prob_grad_backward(ctx, grad_dx, grad_dt):
+    grad_loss, input, target, weight = ctx.saved_tensors
+    if ctx.needs_input_grad[3]:
+        raise NotImplementedError("fused_loss.cross_entropy: second derivatives with respect to 'weight' are not "
+                                  "implemented")
+    gl, gx, gt = _grad_of_grads(lambda x, t: composite.cross_entropy_prob_forward(x, t, weight, *ctx.args),
+                                grad_loss, [input, target], list(ctx.flags), _grad_pair(grad_dx, grad_dt, *ctx.flags),
+                                torch.is_grad_enabled())
+    return gl, gx, gt, None, None, None, None, None, None
+
+
+register_autograd("fused_loss::cross_entropy_prob_backward", _ce_prob_grad_backward,
+                  setup_context=_ce_prob_grad_setup_context)
 
 
 # --- elementwise losses ----------------------------------------------------------------------
@@ -152,9 +241,11 @@ def _(grad, input, target, reduction, alpha, gamma, input_grad, target_grad):
 
 
 def _register_elementwise_autograd(name: str, n_tensors: int):
-    """Autograd for <name>_forward whose first n_tensors arguments are tensors (input, target,
-    then optional weights, which get no gradient) and the rest plain options."""
+    """Autograd for <name>_forward and <name>_backward, whose first n_tensors arguments are
+    tensors (input, target, then optional weights, which get no gradient) and the rest plain
+    options."""
     backward_op = getattr(ops, f"{name}_backward")
+    loss_fn = getattr(composite, f"{name}_forward")
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:n_tensors])
@@ -172,6 +263,23 @@ def _register_elementwise_autograd(name: str, n_tensors: int):
         return (dx if need_input else None, dt if need_target else None, *none)
 
     register_autograd(f"fused_loss::{name}_forward", backward, setup_context=setup_context)
+
+    # The backward op: (grad, *tensors, *options, input_grad, target_grad).
+    def grad_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:1 + n_tensors])
+        ctx.options = inputs[1 + n_tensors:-2]
+        ctx.flags = inputs[-2:]
+
+    def grad_backward(ctx, grad_dx, grad_dt):
+        grad, input, target, *operands = ctx.saved_tensors
+        if any(ctx.needs_input_grad[3:1 + n_tensors]):
+            raise NotImplementedError(f"fused_loss.{name}: gradients w.r.t. weights are not implemented")
+        gl, gx, gt = _grad_of_grads(lambda x, t: loss_fn(x, t, *operands, *ctx.options), grad, [input, target],
+                                    list(ctx.flags), _grad_pair(grad_dx, grad_dt, *ctx.flags),
+                                    torch.is_grad_enabled())
+        return (gl, gx, gt, *[None] * (len(ctx.needs_input_grad) - 3))
+
+    register_autograd(f"fused_loss::{name}_backward", grad_backward, setup_context=grad_setup_context)
 
 
 _register_elementwise_autograd("binary_cross_entropy_with_logits", 4)

@@ -34,10 +34,10 @@ def test_opcheck_cross_entropy_forward_and_backward(requires_grad):
     for x, t, kw in _class_samples(requires_grad):
         args = (x, t, kw["weight"], kw["reduction"], kw["ignore_index"], kw["label_smoothing"])
         torch.library.opcheck(ops.cross_entropy_forward, args)
-        loss, lse = ops.cross_entropy_forward(*args)
+        loss, stats = ops.cross_entropy_forward(*args)
         grad = torch.ones_like(loss)
         torch.library.opcheck(ops.cross_entropy_backward,
-                              (grad, x.detach(), t, kw["weight"], lse.detach(), kw["reduction"], kw["ignore_index"],
+                              (grad, x.detach(), t, kw["weight"], stats.detach(), kw["reduction"], kw["ignore_index"],
                                kw["label_smoothing"]))
 
 
@@ -46,11 +46,11 @@ def test_opcheck_cross_entropy_prob_forward_and_backward(requires_grad):
     for x, t, kw in _prob_samples(requires_grad):
         args = (x, t, kw["weight"], kw["reduction"], kw["label_smoothing"])
         torch.library.opcheck(ops.cross_entropy_prob_forward, args)
-        loss, lse, swt = ops.cross_entropy_prob_forward(*args)
+        loss, stats = ops.cross_entropy_prob_forward(*args)
         for input_grad, target_grad in [(True, True), (True, False), (False, True)]:
             torch.library.opcheck(ops.cross_entropy_prob_backward,
-                                  (torch.ones_like(loss), x.detach(), t.detach(), kw["weight"], lse.detach(),
-                                   swt.detach(), kw["reduction"], kw["label_smoothing"], input_grad, target_grad))
+                                  (torch.ones_like(loss), x.detach(), t.detach(), kw["weight"], stats.detach(),
+                                   kw["reduction"], kw["label_smoothing"], input_grad, target_grad))
 
 
 def _elementwise_samples(requires_grad):

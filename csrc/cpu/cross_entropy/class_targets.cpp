@@ -1,7 +1,7 @@
 // Cross-entropy with class-index targets on the CPU: log-softmax and NLL in one pass.
 //
-// Forward reads each row of logits once and keeps only its log-sum-exp (N floats) for
-// the backward; backward reads the logits once more and writes
+// Forward reads each row of logits once and keeps only its max and log-sum (2N floats,
+// see RowLse) for the backward; backward reads the logits once more and writes
 //   dx = softmax(x) * a - b * w - [c == y] * t_y
 // directly. Nothing of size N x C is ever allocated besides the gradient itself.
 #include <ATen/Dispatch.h>
@@ -19,21 +19,22 @@ enum class Smooth { kNone, kUniform, kWeighted };
 
 template <typename T, Smooth S>
 void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>>& w, const Geometry& g,
-                        int64_t ignore_index, const CrossEntropyParams<acc_t<T>>& p, acc_t<T>* lse, acc_t<T>* loss) {
+                        int64_t ignore_index, const CrossEntropyParams<acc_t<T>>& p, const RowStats<acc_t<T>>& stats,
+                        acc_t<T>* loss) {
   using A = acc_t<T>;
   using V = AccVec<T>;
   const A* wp = w.empty() ? nullptr : w.data();
   auto w_of = [&](int64_t c) { return wp ? wp[c] : A(1); };
   auto finish_row = [&](int64_t row, A m, A s, A r, A sx, A x_y, int64_t yc) {
-    lse[row] = row_lse(m, s);
-    loss[row] = ce_class_row_loss(p, lse[row], x_y, w_of(yc), r, sx);
+    const RowLse<A> l = row_lse(m, s);
+    stats.set_lse(row, l);
+    loss[row] = ce_class_row_loss(p, l, x_y, w_of(yc), r, sx);
   };
   if (g.inner == 1) {
     auto skip = [&](int64_t row) { return y[row] == ignore_index; };
     auto finish = [&](int64_t row, const Partial<A>& pt, A r) {
       if (skip(row)) {
-        lse[row] = A(0);
-        loss[row] = A(0);
+        loss[row] = A(0);  // its stats stay 0
       } else {
         finish_row(row, pt.m, pt.s, r, pt.t1, static_cast<A>(x[row * g.classes + y[row]]), y[row]);
       }
@@ -60,7 +61,6 @@ void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>
     for (int64_t j = 0; j < nl; ++j) {
       const int64_t row = n * g.inner + j0 + j;
       if (y[row] == ignore_index) {
-        lse[row] = A(0);
         loss[row] = A(0);
       } else {
         finish_row(row, am[j], as[j], ar[j], ax[j], static_cast<A>(xb[y[row] * g.inner + j]), y[row]);
@@ -71,7 +71,7 @@ void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>
 
 template <typename T, Smooth S>
 void class_backward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>>& w, const Geometry& g,
-                         int64_t ignore_index, const CrossEntropyParams<acc_t<T>>& p, const acc_t<T>* lse,
+                         int64_t ignore_index, const CrossEntropyParams<acc_t<T>>& p, const RowStats<acc_t<T>>& stats,
                          const acc_t<T>* grad_rows, acc_t<T> grad_all, T* dx) {
   using A = acc_t<T>;
   using V = AccVec<T>;
@@ -80,19 +80,19 @@ void class_backward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T
   auto coefs = [&](int64_t row) {
     if (y[row] == ignore_index) return CrossEntropyClassGrad<A>{A(0), A(0), A(0)};
     auto cf = ce_class_grad_coefs(p, grad_rows ? grad_rows[row] : grad_all, wp ? wp[y[row]] : A(1));
-    if (std::isnan(lse[row])) cf.a = lse[row];  // see row_lse
+    if (std::isnan(stats.log_sum()[row])) cf.a = stats.log_sum()[row];  // see row_lse
     return cf;
   };
   if (g.inner == 1) {
     auto ignored = [&](int64_t row) { return y[row] == ignore_index; };
     row_grad<T>(x, dx, dx, g.outer, g.classes, ignored, [&](int64_t row, int64_t c0) {
       const auto cf = coefs(row);
-      const V vl(lse[row]), va(cf.a), vb(cf.b);
+      const V vm(stats.max()[row]), vls(stats.log_sum()[row]), va(cf.a), vb(cf.b);
       const A* wc = wp ? wp + c0 : nullptr;
       const int64_t ty = y[row] - c0;  // target position within the chunk
       return [=](int64_t i, V* v, int64_t cnt) {
         for (int k = 0; k < kVecsPerLine<T>; ++k) {
-          V o = (v[k] - vl).exp_u20() * va;
+          V o = ((v[k] - vm) - vls).exp_u20() * va;
           if constexpr (S == Smooth::kUniform) o = o - vb;
           if constexpr (S == Smooth::kWeighted) {
             const int64_t n = lanes_in<T>(cnt, k), c = i + k * kLanes<T>;
@@ -106,26 +106,43 @@ void class_backward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T
     return;
   }
   for_each_column_tile<T>(g, [&](int64_t n, int64_t j0, int64_t nl) {
-    __at_align__ A a[kLanes<T>] = {}, b[kLanes<T>] = {}, ty[kLanes<T>] = {}, yf[kLanes<T>], l[kLanes<T>] = {};
+    // Lanes are rows; `zero` marks ignored rows and the lanes past the tile (their output
+    // is 0 even where exp overflows). Targets are matched as integers, in class order:
+    // (class, lane) pairs sorted by class, walked beside the class loop (a float compare
+    // cannot tell classes apart above 2^24).
+    __at_align__ A a[kLanes<T>] = {}, b[kLanes<T>] = {}, ty[kLanes<T>] = {}, m[kLanes<T>] = {}, ls[kLanes<T>] = {},
+                   zero[kLanes<T>];
+    std::pair<int64_t, int64_t> targets[kLanes<T>];
+    int64_t nt = 0;
     for (int64_t j = 0; j < kLanes<T>; ++j) {
-      yf[j] = A(-1);
+      zero[j] = A(1);
       if (j >= nl) continue;
       const int64_t row = n * g.inner + j0 + j;
+      if (y[row] == ignore_index) continue;
       const auto cf = coefs(row);
-      a[j] = cf.a, b[j] = cf.b, ty[j] = cf.t_y, l[j] = lse[row];
-      if (y[row] != ignore_index) yf[j] = A(y[row]);
+      a[j] = cf.a, b[j] = cf.b, ty[j] = cf.t_y, zero[j] = A(0);
+      m[j] = stats.max()[row], ls[j] = stats.log_sum()[row];
+      targets[nt++] = {y[row], j};
     }
-    const V va = V::loadu(a), vb = V::loadu(b), vty = V::loadu(ty), vy = V::loadu(yf), vl = V::loadu(l);
-    const V ignored = vy == V(A(-1));
+    std::sort(targets, targets + nt);
+    const V va = V::loadu(a), vb = V::loadu(b), vm = V::loadu(m), vls = V::loadu(ls);
+    const V zeroed = V::loadu(zero) != V(0);
     const T* xb = x + n * g.classes * g.inner + j0;
     T* ob = dx + n * g.classes * g.inner + j0;
+    int64_t next = 0;  // next target pair to apply
     for (int64_t c = 0; c < g.classes; ++c) {
       const V v = load_vec(xb + c * g.inner, nl);
-      V o = (v - vl).exp_u20() * va;
+      V o = ((v - vm) - vls).exp_u20() * va;
       if constexpr (S == Smooth::kUniform) o = o - vb;
       if constexpr (S == Smooth::kWeighted) o = o - vb * V(wp[c]);
-      o = o - V::blendv(V(0), vty, vy == V(A(c)));
-      store_vec(ob + c * g.inner, V::blendv(o, V(0), ignored), nl);
+      o = V::blendv(o, V(0), zeroed);
+      if (next < nt && targets[next].first == c) {
+        __at_align__ A tmp[kLanes<T>];
+        o.store(tmp);
+        for (; next < nt && targets[next].first == c; ++next) tmp[targets[next].second] -= ty[targets[next].second];
+        o = V::loadu(tmp);
+      }
+      store_vec(ob + c * g.inner, o, nl);
     }
   });
 }
@@ -155,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(const at::Tensor& i
   const at::Tensor y = class_targets(target, input, g, ignore_index);
   const at::Tensor x = input.contiguous();
   const auto acc = acc_type_of(input);
-  at::Tensor lse = at::empty({g.rows()}, input.options().dtype(acc));
+  at::Tensor stats = new_row_stats(2, g.rows(), input);
   at::Tensor rows = at::empty({g.rows()}, input.options().dtype(acc));
   double denominator = 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_forward", [&] {
@@ -164,15 +181,15 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(const at::Tensor& i
     const auto p = make_params<A>(label_smoothing, g.classes, w);
     dispatch_smooth(p.smooth, !w.empty(), [&](auto S) {
       class_forward_impl<scalar_t, decltype(S)::value>(x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), w, g,
-                                                       ignore_index, p, lse.data_ptr<A>(), rows.data_ptr<A>());
+                                                       ignore_index, p, RowStats<A>(stats), rows.data_ptr<A>());
     });
     if (red == Reduction::Mean) denominator = class_mean_denominator(y.data_ptr<int64_t>(), g.rows(), w, ignore_index);
   });
-  return {reduce_loss(rows, red, denominator, target.sizes(), input), lse};
+  return {reduce_loss(rows, red, denominator, target.sizes(), input), stats};
 }
 
 at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-                                      const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                                      const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                                       int64_t reduction, int64_t ignore_index, double label_smoothing) {
   check_input(input);
   check_smoothing(label_smoothing);
@@ -180,9 +197,8 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   const Geometry g = geometry(input);
   const at::Tensor y = class_targets(target, input, g, ignore_index);
   const auto acc = acc_type_of(input);
-  check_stats(lse, "lse", g, acc);
+  const at::Tensor st = check_stats(stats, "stats", 2, g, acc);
   const at::Tensor x = input.contiguous();
-  const at::Tensor l = lse.contiguous();
   at::Tensor dx = new_like(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_backward", [&] {
     using A = acc_t<scalar_t>;
@@ -193,7 +209,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
     const UpstreamGrad u = upstream_grad(grad_loss, red, g.rows(), acc, denominator);
     dispatch_smooth(p.smooth, !w.empty(), [&](auto S) {
       class_backward_impl<scalar_t, decltype(S)::value>(
-          x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), w, g, ignore_index, p, l.data_ptr<A>(),
+          x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), w, g, ignore_index, p, RowStats<A>(st),
           u.rows.defined() ? u.rows.data_ptr<A>() : nullptr, A(u.all), dx.data_ptr<scalar_t>());
     });
   });

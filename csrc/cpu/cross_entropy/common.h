@@ -124,13 +124,36 @@ CrossEntropyParams<A> make_params(double label_smoothing, int64_t classes, const
   return p;
 }
 
-// Log-sum-exp of a row from its max and sum of exp(x - max). A row holding NaN or +inf
-// gets NaN, as torch's log_softmax gives; the backward turns a NaN lse into NaN
+// A row's log-sum-exp from its max m and sum s of exp(x - m). A row whose max is not
+// finite (it holds NaN or +inf, or all its logits are -inf) or whose sum is NaN gets a NaN
+// log_sum, as torch's log_softmax gives NaN there; the backward turns it into NaN
 // gradients explicitly, because exp_u20 clamps NaN arguments instead of propagating them.
 template <typename A>
-A row_lse(A m, A s) {
-  if (m == std::numeric_limits<A>::infinity()) return std::numeric_limits<A>::quiet_NaN();
-  return m + std::log(s);
+RowLse<A> row_lse(A m, A s) {
+  if (!std::isfinite(m) || std::isnan(s)) return {m, std::numeric_limits<A>::quiet_NaN()};
+  return {m, std::log(s)};
+}
+
+// Per-row statistics kept from the forward for the backward: a contiguous (parts, rows)
+// tensor in the accumulation type A whose first two parts are the row maxima and
+// log-sums (see RowLse); probability targets add a third.
+template <typename A>
+struct RowStats {
+  A* data;
+  int64_t rows;
+  explicit RowStats(const at::Tensor& t) : data(t.data_ptr<A>()), rows(t.size(1)) {}
+  A* part(int k) const { return data + k * rows; }
+  A* max() const { return part(0); }
+  A* log_sum() const { return part(1); }
+  RowLse<A> lse(int64_t row) const { return {data[row], data[rows + row]}; }
+  void set_lse(int64_t row, const RowLse<A>& l) const {
+    data[row] = l.max;
+    data[rows + row] = l.log_sum;
+  }
+};
+
+inline at::Tensor new_row_stats(int64_t parts, int64_t rows, const at::Tensor& input) {
+  return at::zeros({parts, rows}, input.options().dtype(at::toOpMathType(input.scalar_type())));
 }
 
 // Shift for the one-pass class sums: the row's first logit when finite, else 0.
@@ -153,7 +176,7 @@ inline at::Tensor new_like(const at::Tensor& input) { return empty_cached(input.
 // Sum of per-row losses in row order (deterministic), in double.
 template <typename A>
 double sum_rows(const A* v, int64_t n) {
-  double s = 0;
+  double s = -0.0;  // the additive identity: a sum of -0 terms stays -0, as torch's
   for (int64_t i = 0; i < n; ++i) s += double(v[i]);
   return s;
 }
@@ -202,14 +225,18 @@ inline UpstreamGrad upstream_grad(const at::Tensor& grad_loss, Reduction red, in
   return u;
 }
 
-inline void check_stats(const at::Tensor& s, const char* name, const Geometry& g, at::ScalarType acc) {
-  TORCH_CHECK(s.dim() == 1 && s.size(0) == g.rows() && s.scalar_type() == acc,
-              "fused_loss.cross_entropy backward: ", name, " must be a ", acc, " vector of ", g.rows(),
-              " elements, got ", s.scalar_type(), " of shape ", s.sizes());
+// stats: `parts` x rows in the accumulation type (the forward's own output). Returns it contiguous.
+inline at::Tensor check_stats(const at::Tensor& s, const char* name, int64_t parts, const Geometry& g,
+                              at::ScalarType acc) {
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == parts && s.size(1) == g.rows() && s.scalar_type() == acc,
+              "fused_loss.cross_entropy backward: ", name, " must be the forward's ", acc, " tensor of shape (",
+              parts, ", ", g.rows(), "), got ", s.scalar_type(), " of shape ", s.sizes());
+  return s.contiguous();
 }
 
 inline void check_smoothing(double label_smoothing) {
-  TORCH_CHECK(label_smoothing <= 1.0, "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
+  // NaN passes, as in torch, which then applies no smoothing.
+  TORCH_CHECK(!(label_smoothing > 1.0), "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
 }
 
 }  // namespace ce

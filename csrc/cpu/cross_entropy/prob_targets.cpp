@@ -11,17 +11,20 @@ inline namespace CPU_CAPABILITY {
 namespace ce {
 namespace {
 
+constexpr int kSwt = 2;  // the part of the row stats holding sum_c w_c t'_c
+
 template <typename T, bool kWeighted>
 void prob_forward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, const Geometry& g,
-                       const CrossEntropyParams<acc_t<T>>& p, acc_t<T>* lse, acc_t<T>* swt_out, acc_t<T>* loss) {
+                       const CrossEntropyParams<acc_t<T>>& p, const RowStats<acc_t<T>>& stats, acc_t<T>* loss) {
   using A = acc_t<T>;
   using V = AccVec<T>;
   const A* wp = w.empty() ? nullptr : w.data();
   const A ome = A(1) - p.eps;
   auto finish_row = [&](int64_t row, A m, A s, A r, A swt, A swtx) {
-    lse[row] = row_lse(m, s);
-    swt_out[row] = swt;
-    loss[row] = ce_prob_row_loss(lse[row], r, swt, swtx);
+    const RowLse<A> l = row_lse(m, s);
+    stats.set_lse(row, l);
+    stats.part(kSwt)[row] = swt;
+    loss[row] = ce_prob_row_loss(l, r, swt, swtx);
   };
   if (g.inner == 1) {
     row_stats<T>(
@@ -48,22 +51,25 @@ void prob_forward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, c
   });
 }
 
-// dx_c = g (p_c S - w_c t'_c),  dt_c = g (1 - eps) w_c (lse - x_c).
+// dx_c = g (p_c S - w_c t'_c),  dt_c = g (1 - eps) w_c (lse - x_c),  S = sum_c w_c t'_c.
 template <typename T, bool kWeighted>
 void prob_backward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, const Geometry& g,
-                        const CrossEntropyParams<acc_t<T>>& p, const acc_t<T>* lse, const acc_t<T>* swt,
+                        const CrossEntropyParams<acc_t<T>>& p, const RowStats<acc_t<T>>& stats,
                         const acc_t<T>* grad_rows, acc_t<T> grad_all, T* dx, T* dt) {
   using A = acc_t<T>;
   using V = AccVec<T>;
   const A* wp = w.empty() ? nullptr : w.data();
   const A ome = A(1) - p.eps;
+  const A* mx = stats.max();
+  const A* ls = stats.log_sum();
+  const A* swt = stats.part(kSwt);
   auto grad_of = [&](int64_t row) { return grad_rows ? grad_rows[row] : grad_all; };
   if (g.inner == 1) {
     // One pass writes both gradients: the input's through row_grad, the target's beside it.
     row_grad<T>(x, dx, dx ? dx : dt, g.outer, g.classes, [](int64_t) { return false; }, [&](int64_t row, int64_t c0) {
       const A gr = grad_of(row);
-      const A gs = std::isnan(lse[row]) ? lse[row] : gr * swt[row];  // see row_lse
-      const V vl(lse[row]), vgs(gs), vg(gr), vgo(gr * ome), vome(ome), veps(p.eps_over_c);
+      const A gs = std::isnan(ls[row]) ? ls[row] : gr * swt[row];  // see row_lse
+      const V vm(mx[row]), vls(ls[row]), vgs(gs), vg(gr), vgo(gr * ome), vome(ome), veps(p.eps_over_c);
       const A* wc = wp ? wp + c0 : nullptr;
       const T* tc = t + row * g.classes + c0;
       T* dtc = dt ? dt + row * g.classes + c0 : nullptr;
@@ -76,8 +82,8 @@ void prob_backward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, 
             const int64_t n = lanes_in<T>(cnt, k), c = i + k * kLanes<T>;
             if (n > 0) wv = n == kLanes<T> ? V::loadu(wc + c) : V::loadu(wc + c, n);
           }
-          if (dtc) gt[k] = vgo * wv * (vl - v[k]);
-          if (dx) v[k] = (v[k] - vl).exp_u20() * vgs - vg * ce_smoothed_target(tv[k], vome, veps) * wv;
+          if (dtc) gt[k] = vgo * wv * ((vm - v[k]) + vls);
+          if (dx) v[k] = ((v[k] - vm) - vls).exp_u20() * vgs - vg * ce_smoothed_target(tv[k], vome, veps) * wv;
         }
         if (dtc) store_or_stream(dtc + i, gt, cnt);
       };
@@ -85,12 +91,13 @@ void prob_backward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, 
     return;
   }
   for_each_column_tile<T>(g, [&](int64_t n, int64_t j0, int64_t nl) {
-    __at_align__ A gl[kLanes<T>] = {}, gs[kLanes<T>] = {}, l[kLanes<T>] = {};
+    __at_align__ A gl[kLanes<T>] = {}, gs[kLanes<T>] = {}, m[kLanes<T>] = {}, l[kLanes<T>] = {};
     for (int64_t j = 0; j < nl; ++j) {
       const int64_t row = n * g.inner + j0 + j;
-      gl[j] = grad_of(row), gs[j] = std::isnan(lse[row]) ? lse[row] : gl[j] * swt[row], l[j] = lse[row];
+      gl[j] = grad_of(row), gs[j] = std::isnan(ls[row]) ? ls[row] : gl[j] * swt[row];
+      m[j] = mx[row], l[j] = ls[row];
     }
-    const V vg = V::loadu(gl), vgs = V::loadu(gs), vl = V::loadu(l), vgo = vg * V(ome);
+    const V vg = V::loadu(gl), vgs = V::loadu(gs), vm = V::loadu(m), vls = V::loadu(l), vgo = vg * V(ome);
     const int64_t base = n * g.classes * g.inner + j0;
     for (int64_t c = 0; c < g.classes; ++c) {
       const int64_t off = base + c * g.inner;
@@ -98,9 +105,9 @@ void prob_backward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, 
       const V wv(wp ? wp[c] : A(1));
       if (dx) {
         const V wt = ce_smoothed_target(load_vec(t + off, nl), V(ome), V(p.eps_over_c)) * wv;
-        store_vec(dx + off, (v - vl).exp_u20() * vgs - vg * wt, nl);
+        store_vec(dx + off, ((v - vm) - vls).exp_u20() * vgs - vg * wt, nl);
       }
-      if (dt) store_vec(dt + off, vgo * wv * (vl - v), nl);
+      if (dt) store_vec(dt + off, vgo * wv * ((vm - v) + vls), nl);
     }
   });
 }
@@ -115,11 +122,9 @@ void check_prob_target(const at::Tensor& input, const at::Tensor& target) {
               input.scalar_type(), ", got ", target.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_cpu(const at::Tensor& input,
-                                                                              const at::Tensor& target,
-                                                                              const std::optional<at::Tensor>& weight,
-                                                                              int64_t reduction,
-                                                                              double label_smoothing) {
+std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_forward_cpu(const at::Tensor& input, const at::Tensor& target,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  int64_t reduction, double label_smoothing) {
   check_input(input);
   check_smoothing(label_smoothing);
   check_prob_target(input, target);
@@ -127,27 +132,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_cpu(co
   const Geometry g = geometry(input);
   const at::Tensor x = input.contiguous(), t = target.contiguous();
   const auto acc = acc_type_of(input);
-  at::Tensor lse = at::empty({g.rows()}, input.options().dtype(acc));
-  at::Tensor swt = at::empty({g.rows()}, input.options().dtype(acc));
-  at::Tensor rows = at::empty({g.rows()}, input.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_prob_forward", [&] {
+  at::Tensor stats = new_row_stats(3, g.rows(), input);
+  // A row of no classes has the loss -(empty sum) = -0, as torch's.
+  at::Tensor rows = at::full({g.rows()}, -0.0, input.options().dtype(acc));
+  if (g.classes > 0) AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_prob_forward", [&] {
     using A = acc_t<scalar_t>;
     const auto w = class_weights<A>(weight, input, g.classes);
     const auto p = make_params<A>(label_smoothing, g.classes, w);
     dispatch_bool(!w.empty(), [&](auto W) {
       prob_forward_impl<scalar_t, decltype(W)::value>(x.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), w, g, p,
-                                                      lse.data_ptr<A>(), swt.data_ptr<A>(), rows.data_ptr<A>());
+                                                      RowStats<A>(stats), rows.data_ptr<A>());
     });
   });
   std::vector<int64_t> shape{input.size(0)};
   for (int64_t d = 2; d < input.dim(); ++d) shape.push_back(input.size(d));
-  // 'mean' averages over rows, whatever the weights (torch's rule for probability targets).
-  return {reduce_loss(rows, red, double(g.rows()), shape, input), lse, swt};
+  // 'mean' averages over rows, whatever the weights (torch's rule for probability targets);
+  // torch's 'mean' of an empty input is NaN, also when it has rows but no classes.
+  const double denominator = input.numel() == 0 ? 0.0 : double(g.rows());
+  return {reduce_loss(rows, red, denominator, shape, input), stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& swt, int64_t reduction,
+    const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t reduction,
     double label_smoothing, bool input_grad, bool target_grad) {
   check_input(input);
   check_smoothing(label_smoothing);
@@ -155,20 +162,19 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_backward_cpu(
   const Reduction red = to_reduction(reduction);
   const Geometry g = geometry(input);
   const auto acc = acc_type_of(input);
-  check_stats(lse, "lse", g, acc);
-  check_stats(swt, "swt", g, acc);
-  const at::Tensor x = input.contiguous(), t = target.contiguous(), l = lse.contiguous(), s = swt.contiguous();
+  const at::Tensor st = check_stats(stats, "stats", 3, g, acc);
+  const at::Tensor x = input.contiguous(), t = target.contiguous();
   at::Tensor dx = input_grad ? new_like(input) : at::empty({0}, input.options());
   at::Tensor dt = target_grad ? new_like(target) : at::empty({0}, target.options());
   const UpstreamGrad u = upstream_grad(grad_loss, red, g.rows(), acc, double(g.rows()));
-  if (!input_grad && !target_grad) return {dx, dt};
+  if ((!input_grad && !target_grad) || input.numel() == 0) return {dx, dt};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_prob_backward", [&] {
     using A = acc_t<scalar_t>;
     const auto w = class_weights<A>(weight, input, g.classes);
     const auto p = make_params<A>(label_smoothing, g.classes, w);
     dispatch_bool(!w.empty(), [&](auto W) {
       prob_backward_impl<scalar_t, decltype(W)::value>(
-          x.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), w, g, p, l.data_ptr<A>(), s.data_ptr<A>(),
+          x.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), w, g, p, RowStats<A>(st),
           u.rows.defined() ? u.rows.data_ptr<A>() : nullptr, A(u.all),
           input_grad ? dx.data_ptr<scalar_t>() : nullptr, target_grad ? dt.data_ptr<scalar_t>() : nullptr);
     });

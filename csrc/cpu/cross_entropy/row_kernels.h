@@ -213,7 +213,7 @@ void row_stats(const T* x, int64_t rows, int64_t classes, MakeTerms make_terms, 
       }
       Partial<A> p = parts[row * nchunks];
       for (int64_t k = 1; k < nchunks; ++k) p.merge(parts[row * nchunks + k]);
-      finish(row, p, row_shift(static_cast<A>(x[row * classes])));
+      finish(row, p, classes > 0 ? row_shift(static_cast<A>(x[row * classes])) : A(0));
     }
   });
 }

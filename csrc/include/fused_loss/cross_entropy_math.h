@@ -9,6 +9,12 @@
 // The sums over c are gathered in one pass relative to a shift r (the row's first
 // logit when finite), which keeps them accurate when all logits share a large offset:
 //   sum_c w_c (lse - x_c) = W (lse - r) - sum_c w_c (x_c - r).
+//
+// Precision. lse is never formed as one number: a float32 lse is rounded to the ulp of
+// the largest logit, and lse - x_c would carry that rounding (2.6e-4 relative gradient
+// error at a logit offset of 1e4). A row keeps its max m and log_sum = log sum_c
+// exp(x_c - m) apart, and every lse - x is computed as (m - x) + log_sum, as torch's
+// log_softmax computes (x - m) - log_sum.
 #pragma once
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -28,17 +34,30 @@ struct CrossEntropyParams {
   A w_sum;       // sum of class weights (C without weights)
 };
 
+// A row's log-sum-exp, kept as its two parts (see Precision above).
+template <typename A>
+struct RowLse {
+  A max;      // the row's largest logit
+  A log_sum;  // log sum_c exp(x_c - max); NaN marks a row whose loss and gradient are NaN
+};
+
+// lse - x, without forming lse.
+template <typename A>
+FL_HOST_DEVICE A lse_minus(const RowLse<A>& l, A x) {
+  return (l.max - x) + l.log_sum;
+}
+
 // Loss of a row with a class-index target. sx = sum_c w_c (x_c - r).
 template <typename A>
-FL_HOST_DEVICE A ce_class_row_loss(const CrossEntropyParams<A>& p, A lse, A x_y, A w_y, A r, A sx) {
-  if (!p.smooth) return w_y * (lse - x_y);
-  return (A(1) - p.eps) * w_y * (lse - x_y) + p.eps_over_c * (p.w_sum * (lse - r) - sx);
+FL_HOST_DEVICE A ce_class_row_loss(const CrossEntropyParams<A>& p, const RowLse<A>& l, A x_y, A w_y, A r, A sx) {
+  if (!p.smooth) return w_y * lse_minus(l, x_y);
+  return (A(1) - p.eps) * w_y * lse_minus(l, x_y) + p.eps_over_c * (p.w_sum * lse_minus(l, r) - sx);
 }
 
 // Loss of a row with probability targets. swt = sum_c w_c t'_c, swtx = sum_c w_c t'_c (x_c - r).
 template <typename A>
-FL_HOST_DEVICE A ce_prob_row_loss(A lse, A r, A swt, A swtx) {
-  return (lse - r) * swt - swtx;
+FL_HOST_DEVICE A ce_prob_row_loss(const RowLse<A>& l, A r, A swt, A swtx) {
+  return lse_minus(l, r) * swt - swtx;
 }
 
 // Smoothed target t'_c.
@@ -48,7 +67,8 @@ FL_HOST_DEVICE A ce_smoothed_target(A t, A one_minus_eps, A eps_over_c) {
 }
 
 // The gradient of a class-index row is dx_c = p_c * a - b * w_c - [c == y] * t_y with
-// p = softmax(x) and g the row's share of the upstream gradient (0 for ignored rows).
+// p_c = exp((x_c - max) - log_sum) and g the row's share of the upstream gradient (0 for
+// ignored rows).
 template <typename A>
 struct CrossEntropyClassGrad {
   A a;    // multiplies p_c

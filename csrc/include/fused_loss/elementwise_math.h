@@ -83,15 +83,20 @@ struct BceWithLogits {
 
 // --- smooth L1 and Huber ---------------------------------------------------------------------
 // d = x - y. Smooth L1: |d| < beta ? d^2 / (2 beta) : |d| - beta / 2; beta = 0 is L1, whose
-// gradient is sign(d) (0 at d = 0), with no division by beta anywhere.
+// gradient is sign(d) (0 at d = 0, and at NaN as torch's sign), with no division by beta.
 // Huber: |d| < delta ? d^2 / 2 : delta (|d| - delta / 2) = beta * smooth L1 with beta = delta.
+// Their gradients are written as torch's: d < -beta ? -1 : d > beta ? 1 : d / beta, so that a
+// NaN difference gives a NaN gradient.
 struct SmoothL1 {
   double beta;
-  double inv_beta;  // 1 / beta when x / beta == x * (1 / beta) exactly (beta a power of two), else 0
+  double inv_beta;  // 1 / beta when x / beta == x * (1 / beta) exactly, else 0
 
+  // Exact when beta is a power of two whose inverse is a normal float too (2^-140 is a
+  // float, but its inverse overflows).
   static SmoothL1 with_beta(double beta) {
     int e = 0;
-    return {beta, beta > 0 && std::frexp(beta, &e) == 0.5 ? 1.0 / beta : 0.0};
+    const bool pow2 = beta > 0 && std::frexp(beta, &e) == 0.5 && std::abs(e) < 100;
+    return {beta, pow2 ? 1.0 / beta : 0.0};
   }
   // x / beta without a divide per element where that gives the same bits (the default 1 included).
   template <typename V>
@@ -107,7 +112,9 @@ struct SmoothL1 {
   template <typename V>
   FL_HOST_DEVICE V grad_input(const ElemArgs<V>& a) const {
     const V d = a.x - a.y;
-    return a.w * (beta == 0.0 ? fl_sign(d) : fl_where_lt(fl_abs(d), V(beta), over_beta(d), fl_sign(d)));
+    if (beta == 0.0) return a.w * fl_sign(d);
+    const V b(beta);
+    return a.w * fl_where_lt(d, V(0) - b, V(-1), fl_where_lt(b, d, V(1), over_beta(d)));
   }
   template <typename V>
   FL_HOST_DEVICE V grad_target(const ElemArgs<V>& a) const { return V(0) - grad_input(a); }
@@ -122,8 +129,8 @@ struct Huber {
   }
   template <typename V>
   FL_HOST_DEVICE V grad_input(const ElemArgs<V>& a) const {
-    const V d = a.x - a.y;
-    return a.w * fl_where_lt(fl_abs(d), V(delta), d, V(delta) * fl_sign(d));
+    const V d = a.x - a.y, dl(delta);
+    return a.w * fl_where_lt(d, V(0) - dl, V(0) - dl, fl_where_lt(dl, d, dl, d));
   }
   template <typename V>
   FL_HOST_DEVICE V grad_target(const ElemArgs<V>& a) const { return V(0) - grad_input(a); }

@@ -1,0 +1,76 @@
+"""Each fused op's loss written in differentiable torch ops, for what the fused kernels do not
+compute themselves:
+
+- second and higher derivatives (the backward ops' own backward, see ops.py);
+- torch.func transforms (grad, vjp, jacrev, jacfwd, hessian, vmap) and forward-mode AD
+  (torch.autograd.forward_ad): the ops are registered through torch.library, whose autograd
+  formulas functorch and forward mode cannot use, so the public functions compute with these
+  compositions there (see `needs_composite`);
+- the gradient of the class weights of probability targets (torch has it; rarely asked for).
+
+Each function takes its op's arguments (reduction as torch's enum number). Where torch has the
+loss, the composition is torch's own function, so these paths give torch's answer exactly.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+REDUCTION_NAMES = ("none", "mean", "sum")  # at::Reduction's numbering
+
+
+def cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing):
+    return F.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=REDUCTION_NAMES[reduction],
+                           label_smoothing=label_smoothing)
+
+
+def cross_entropy_prob_forward(input, target, weight, reduction, label_smoothing):
+    return F.cross_entropy(input, target, weight, reduction=REDUCTION_NAMES[reduction],
+                           label_smoothing=label_smoothing)
+
+
+def binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, reduction):
+    return F.binary_cross_entropy_with_logits(input, target, weight, reduction=REDUCTION_NAMES[reduction],
+                                              pos_weight=pos_weight)
+
+
+def smooth_l1_loss_forward(input, target, reduction, beta):
+    return F.smooth_l1_loss(input, target, reduction=REDUCTION_NAMES[reduction], beta=beta)
+
+
+def huber_loss_forward(input, target, reduction, delta):
+    return F.huber_loss(input, target, reduction=REDUCTION_NAMES[reduction], delta=delta)
+
+
+def sigmoid_focal_loss_forward(input, target, reduction, alpha, gamma):
+    return reference.sigmoid_focal_loss(input, target, alpha, gamma, REDUCTION_NAMES[reduction])
+
+
+def tracked(t):
+    """t itself if autograd tracks it (keeping the outer graph, for the next derivative), else
+    a detached leaf that autograd can differentiate with respect to."""
+    return t if t.requires_grad else t.detach().requires_grad_()
+
+
+def vjp(loss_fn, tensors, needs, grad_loss):
+    """Gradients of loss_fn(*tensors) under grad_loss for the tensors whose `needs` is set
+    (None for the others), differentiable when grad mode is on (create_graph)."""
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        leaves = [tracked(t) if n else t for t, n in zip(tensors, needs)]
+        wanted = [t for t, n in zip(leaves, needs) if n]
+        grads = iter(torch.autograd.grad(loss_fn(*leaves), wanted, grad_loss, create_graph=create_graph,
+                                         allow_unused=True))
+    return [next(grads) if n else None for n in needs]
+
+
+def needs_composite(*tensors) -> bool:
+    """True under a torch.func transform or when a tensor carries a forward-mode tangent:
+    there the fused ops' autograd formulas do not apply, and the composition must be used."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    if torch.autograd.forward_ad._current_level >= 0:
+        return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return False

@@ -1,0 +1,50 @@
+"""Precision at large logits: the float32 loss and gradient errors against float64 stay
+within about twice torch's own, whatever the logits' common offset (the row max is kept
+apart from the log of the sum, never one absolute log-sum-exp)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_loss
+
+
+def _case(path, offset):
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(64, 1000, dtype=torch.float64, generator=gen) + offset).float()
+    t = torch.randint(0, 1000, (64,), generator=gen)
+    kw = {}
+    if path == "kdim":
+        x, t = x.view(8, 8, 1000).transpose(1, 2).contiguous(), t.view(8, 8)
+    elif path == "prob":
+        t = torch.softmax(torch.randn(64, 1000, generator=gen), 1)
+    elif path == "smooth_weight":
+        kw = dict(label_smoothing=0.1, weight=torch.rand(1000, generator=gen) + 0.5)
+    elif path == "prob_smooth_kdim":
+        x = x.view(8, 8, 1000).transpose(1, 2).contiguous()
+        t = torch.softmax(torch.randn(8, 1000, 8, generator=gen), 1)
+        kw = dict(label_smoothing=0.2)
+    return x, t, kw
+
+
+def _errors(fn, x, t, kw, ref_loss, ref_grad):
+    x = x.clone().requires_grad_()
+    loss = fn(x, t, reduction="sum", **kw)
+    (grad,) = torch.autograd.grad(loss, x)
+    loss_err = abs(loss.double().item() - ref_loss) / abs(ref_loss)
+    grad_err = ((grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item()
+    return loss_err, grad_err
+
+
+@pytest.mark.parametrize("offset", [1e2, 1e3, 1e4])
+@pytest.mark.parametrize("path", ["row", "kdim", "prob", "smooth_weight", "prob_smooth_kdim"])
+def test_float32_error_does_not_grow_with_the_logit_offset(path, offset):
+    x, t, kw = _case(path, offset)
+    x64 = x.double().requires_grad_()
+    kw64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    ref = F.cross_entropy(x64, t.double() if t.is_floating_point() else t, reduction="sum", **kw64)
+    (ref_grad,) = torch.autograd.grad(ref, x64)
+    torch_loss_err, torch_grad_err = _errors(F.cross_entropy, x, t, kw, ref.item(), ref_grad)
+    ours_loss_err, ours_grad_err = _errors(fused_loss.cross_entropy, x, t, kw, ref.item(), ref_grad)
+    eps = torch.finfo(torch.float32).eps
+    assert ours_grad_err <= 2 * torch_grad_err + eps, (ours_grad_err, torch_grad_err)
+    assert ours_loss_err <= 2 * torch_loss_err + eps, (ours_loss_err, torch_loss_err)
