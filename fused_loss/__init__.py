@@ -18,10 +18,12 @@ from .functional import (  # noqa: E402
     sigmoid_focal_loss,
     smooth_l1_loss,
 )
+from .memory import cpu_cache_info, empty_cache, set_cpu_cache_limits  # noqa: E402
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, SmoothL1Loss  # noqa: E402
 
 __all__ = [
     "cross_entropy", "binary_cross_entropy_with_logits", "smooth_l1_loss", "huber_loss", "sigmoid_focal_loss",
     "CrossEntropyLoss", "BCEWithLogitsLoss", "SmoothL1Loss", "HuberLoss",
+    "cpu_cache_info", "set_cpu_cache_limits", "empty_cache",
 ]
 __version__ = "0.1.0"

@@ -1,12 +1,17 @@
 #include "output_cache.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <deque>
 #include <mutex>
 #include <utility>
+#include <vector>
 
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/strides.h>
 #include <torch/library.h>
 
 namespace fused_loss::cpu {
@@ -14,8 +19,22 @@ namespace {
 
 constexpr size_t kHuge = size_t(2) << 20;
 constexpr size_t kMinCachedBytes = size_t(4) << 20;  // smaller buffers are cheap to allocate
+constexpr int64_t kDefaultMaxBytes = int64_t(1) << 30;
+constexpr int64_t kDefaultMaxBlocks = 2;
 
 size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
+
+int64_t env_or(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  return env ? std::max<int64_t>(0, std::atoll(env)) : fallback;
+}
+
+// Default byte cap: 1 GiB, or an eighth of the machine's memory where that is less.
+int64_t default_max_bytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  if (pages <= 0 || page <= 0) return kDefaultMaxBytes;
+  return std::min<int64_t>(kDefaultMaxBytes, int64_t(pages) * page / 8);
+}
 
 class OutputCache {
  public:
@@ -30,6 +49,7 @@ class OutputCache {
       for (auto it = free_.begin(); it != free_.end(); ++it) {
         if (it->second == bytes) {
           void* p = it->first;
+          held_ -= bytes;
           free_.erase(it);
           return p;
         }
@@ -44,38 +64,74 @@ class OutputCache {
   }
 
   void give_back(void* p, size_t bytes) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (max_free_ == 0) {
-      std::free(p);
-      return;
+    std::vector<void*> to_free;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      free_.emplace_back(p, bytes);
+      held_ += bytes;
+      trim(to_free);
     }
-    free_.emplace_back(p, bytes);
-    while (free_.size() > max_free_) {  // drop the oldest
-      std::free(free_.front().first);
-      free_.pop_front();
-    }
+    for (void* q : to_free) std::free(q);  // outside the lock: freeing 1 GiB takes a while
   }
 
   int64_t release_all() {
     std::lock_guard<std::mutex> lock(mu_);
-    int64_t released = 0;
-    for (auto& [p, bytes] : free_) {
-      std::free(p);
-      released += int64_t(bytes);
-    }
+    const int64_t released = int64_t(held_);
+    for (auto& [p, bytes] : free_) std::free(p);
     free_.clear();
+    held_ = 0;
     return released;
   }
 
+  std::vector<int64_t> info() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {int64_t(free_.size()), int64_t(held_), max_blocks_, max_bytes_};
+  }
+
+  void set_limits(int64_t max_bytes, int64_t max_blocks) {
+    std::vector<void*> to_free;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      max_bytes_ = std::max<int64_t>(0, max_bytes);
+      max_blocks_ = std::max<int64_t>(0, max_blocks);
+      trim(to_free);
+    }
+    for (void* q : to_free) std::free(q);
+  }
+
  private:
-  OutputCache() {
-    if (const char* env = std::getenv("FUSED_LOSS_CPU_CACHE_BLOCKS")) max_free_ = size_t(std::max(0L, std::atol(env)));
+  OutputCache()
+      : max_bytes_(env_or("FUSED_LOSS_CPU_CACHE_BYTES", default_max_bytes())),
+        max_blocks_(env_or("FUSED_LOSS_CPU_CACHE_BLOCKS", kDefaultMaxBlocks)) {}
+
+  // Drops the oldest blocks until both limits hold (mu_ held).
+  void trim(std::vector<void*>& to_free) {
+    while (!free_.empty() && (int64_t(free_.size()) > max_blocks_ || int64_t(held_) > max_bytes_)) {
+      to_free.push_back(free_.front().first);
+      held_ -= free_.front().second;
+      free_.pop_front();
+    }
   }
 
   std::mutex mu_;
   std::deque<std::pair<void*, size_t>> free_;
-  size_t max_free_ = 2;
+  size_t held_ = 0;  // bytes in free_
+  int64_t max_bytes_;
+  int64_t max_blocks_;
 };
+
+// A cached block handed out as a tensor's storage: it goes back to the cache when the
+// storage lets go of it (the tensor is freed, or its storage is resized).
+struct Block {
+  void* ptr;
+  size_t bytes;
+};
+
+void return_block(void* ctx) {
+  auto* b = static_cast<Block*>(ctx);
+  OutputCache::get().give_back(b->ptr, b->bytes);
+  delete b;
+}
 
 }  // namespace
 
@@ -87,15 +143,25 @@ at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options)
   const size_t block = round_up(bytes, kHuge);
   void* p = OutputCache::get().take(block);
   TORCH_CHECK(p != nullptr, "fused_loss: out of memory allocating ", block, " bytes");
-  return at::from_blob(
-      p, sizes, [block](void* q) { OutputCache::get().give_back(q, block); }, options);
+  c10::DataPtr data(p, new Block{p, block}, &return_block, c10::Device(c10::DeviceType::CPU));
+  // Resizable with the CPU allocator, as torch's own storages: code that frees a gradient
+  // with untyped_storage().resize_(0) (sharded training) works on ours too.
+  c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, std::move(data), c10::GetCPUAllocator(),
+                       /*resizable=*/true);
+  return at::empty({0}, options).set_(storage, 0, sizes, c10::contiguous_strides(sizes));
 }
 
 int64_t empty_cache() { return OutputCache::get().release_all(); }
 
+std::vector<int64_t> cache_info() { return OutputCache::get().info(); }
+
+void set_cache_limits(int64_t max_bytes, int64_t max_blocks) { OutputCache::get().set_limits(max_bytes, max_blocks); }
+
 }  // namespace fused_loss::cpu
 
 TORCH_LIBRARY_FRAGMENT(fused_loss, m) {
-  // Not a tensor op: frees the CPU output cache (see output_cache.h). Returns bytes freed.
+  // Not tensor ops: the CPU output cache (see output_cache.h).
   m.def("empty_cache() -> int", &fused_loss::cpu::empty_cache);
+  m.def("cpu_cache_info() -> int[]", &fused_loss::cpu::cache_info);
+  m.def("set_cpu_cache_limits(int max_bytes, int max_blocks) -> ()", &fused_loss::cpu::set_cache_limits);
 }

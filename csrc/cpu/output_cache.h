@@ -6,8 +6,11 @@
 // block and hand it to the next request of the same size. Blocks are 2 MiB aligned and
 // advised to use transparent huge pages.
 //
-// At most kMaxFreeBlocks blocks are held while unused (default 2; FUSED_LOSS_CPU_CACHE_BLOCKS
-// sets it, 0 disables the cache); torch.ops.fused_loss.empty_cache() releases them.
+// While unused, the cache holds at most 2 blocks and at most 1 GiB (or an eighth of the
+// machine's memory, if less); FUSED_LOSS_CPU_CACHE_BLOCKS and FUSED_LOSS_CPU_CACHE_BYTES set
+// the limits at start-up (0 disables the cache), fused_loss.set_cpu_cache_limits() at run
+// time; fused_loss.cpu_cache_info() tells what it holds and fused_loss.empty_cache()
+// releases it. The tensors handed out have resizable storage, as torch's own.
 #pragma once
 
 #include <ATen/ATen.h>
