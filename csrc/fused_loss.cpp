@@ -44,9 +44,10 @@ TORCH_LIBRARY(fused_loss, m) {
   m.def(
       "smooth_l1_loss_backward(Tensor grad, Tensor input, Tensor target, int reduction, float beta, bool input_grad, "
       "bool target_grad) -> (Tensor, Tensor)");
-  m.def("huber_loss_forward(Tensor input, Tensor target, int reduction, float delta) -> Tensor");
+  m.def("huber_loss_forward(Tensor input, Tensor target, Tensor? weight, int reduction, float delta) -> Tensor");
   m.def(
-      "huber_loss_backward(Tensor grad, Tensor input, Tensor target, int reduction, float delta, bool input_grad, "
+      "huber_loss_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, int reduction, float delta, "
+      "bool input_grad, "
       "bool target_grad) -> (Tensor, Tensor)");
   m.def("sigmoid_focal_loss_forward(Tensor input, Tensor target, int reduction, float alpha, float gamma) -> Tensor");
   m.def(

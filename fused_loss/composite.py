@@ -38,8 +38,10 @@ def smooth_l1_loss_forward(input, target, reduction, beta):
     return F.smooth_l1_loss(input, target, reduction=REDUCTION_NAMES[reduction], beta=beta)
 
 
-def huber_loss_forward(input, target, reduction, delta):
-    return F.huber_loss(input, target, reduction=REDUCTION_NAMES[reduction], delta=delta)
+def huber_loss_forward(input, target, weight, reduction, delta):
+    if weight is None:  # also for torch releases before huber_loss had a weight
+        return F.huber_loss(input, target, reduction=REDUCTION_NAMES[reduction], delta=delta)
+    return F.huber_loss(input, target, reduction=REDUCTION_NAMES[reduction], delta=delta, weight=weight)
 
 
 def sigmoid_focal_loss_forward(input, target, reduction, alpha, gamma):

@@ -3,6 +3,7 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
@@ -11,6 +12,9 @@ from .ops import REDUCTIONS, ops
 
 
 def reduction_enum(reduction: str) -> int:
+    if reduction == "elementwise_mean":  # torch's deprecated alias
+        warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.", stacklevel=3)
+        reduction = "mean"
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     return REDUCTIONS[reduction]
@@ -64,12 +68,24 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("fused_loss.cross_entropy: the loss is not differentiable with respect to argument "
                                "'weight' for class-index targets (as in torch); detach the weight")
+        if target.dtype == torch.uint8 and (input.dim() > 2 or (label_smoothing > 0 and weight is not None
+                                                                and red == REDUCTIONS["mean"]
+                                                                and bool((target != ignore_index).any()))):
+            # torch's paths for these (nll_loss2d; a gather of the weights for the mean) take int64 only
+            raise RuntimeError("fused_loss.cross_entropy: expected scalar type Long but found Byte (as torch, uint8 "
+                               "targets are taken for (N, C) input, and with weights and label smoothing only "
+                               "without reduction='mean')")
+        if weight is not None and input.dim() > 2 and weight.dim() > 1 and weight.numel() == input.shape[1] \
+                and not (label_smoothing > 0 and red == REDUCTIONS["mean"]):
+            weight = weight.reshape(-1)  # torch's K-dim path takes any weight of C elements (but its gather)
         return ops.cross_entropy_forward(input, target, weight, red, ignore_index, float(label_smoothing))[0]
     if not target.dtype.is_floating_point:
         raise RuntimeError(f"Expected floating point type for target with class probabilities, got {target.dtype}")
     if ignore_index >= 0:
         raise RuntimeError("ignore_index is not supported for floating point target")
-    dtype = torch.promote_types(input.dtype, target.dtype)  # torch promotes soft targets
+    dtype = torch.promote_types(input.dtype, target.dtype)  # torch promotes soft targets, and the weight
+    if weight is not None:
+        dtype = torch.promote_types(dtype, weight.dtype)
     input, target = input.to(dtype), target.to(dtype)
     if weight is not None:
         weight = weight.to(dtype)
@@ -102,8 +118,16 @@ def binary_cross_entropy_with_logits(
     _check_floating_input(input, "binary_cross_entropy_with_logits")
     if not target.dtype.is_floating_point:
         raise RuntimeError(f"result type {input.dtype} can't be cast to the desired output type {target.dtype}")
-    # torch returns the target's dtype; we compute in the promoted one, then round once.
+    for name, w in (("weight", weight), ("pos_weight", pos_weight)):
+        if w is not None and w.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("fused_loss.binary_cross_entropy_with_logits: the loss is not differentiable with "
+                               f"respect to argument '{name}' (as in torch); detach it")
+    # torch returns the target's dtype; we compute in the promoted one (weights included, as
+    # torch's intermediates are), then round once.
     dtype = torch.promote_types(input.dtype, target.dtype)
+    for w in (weight, pos_weight):
+        if w is not None:
+            dtype = torch.promote_types(dtype, w.dtype)
     weight = None if weight is None else weight.to(dtype)
     pos_weight = None if pos_weight is None else pos_weight.to(dtype)
     loss = ops.binary_cross_entropy_with_logits_forward(input.to(dtype), target.to(dtype), weight, pos_weight, red)
@@ -134,31 +158,38 @@ def smooth_l1_loss(
     if composite.needs_composite(input, target):
         return reference.smooth_l1_loss(input, target, size_average, reduce, reduction, beta)
     red = reduction_enum(_legacy_reduction(size_average, reduce, reduction))
-    input, target = _broadcast_like_torch(input, target)
     dtype = torch.promote_types(input.dtype, target.dtype)  # computed and returned in it, as in torch
     if not dtype.is_floating_point:
+        input, target = _broadcast_like_torch(input, target)
+        if beta == 0:  # torch's beta = 0 is l1_loss, which takes integers
+            return F.l1_loss(input, target, reduction=("none", "mean", "sum")[red])
         raise NotImplementedError(f"fused_loss.smooth_l1_loss: expected a floating point input or target, got {dtype}")
+    # Promoted before broadcasting: a broadcast argument's gradient is then summed in that dtype.
+    input, target = _broadcast_like_torch(input.to(dtype), target.to(dtype))
     if beta < 0:
         raise RuntimeError("smooth_l1_loss does not support negative values for beta.")
-    return ops.smooth_l1_loss_forward(input.to(dtype), target.to(dtype), red, float(beta))
+    return ops.smooth_l1_loss_forward(input, target, red, float(beta))
 
 
 def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: float = 1.0,
                weight: Optional[Tensor] = None) -> Tensor:
-    """Drop-in for torch.nn.functional.huber_loss."""
-    if weight is not None:
-        raise NotImplementedError("fused_loss.huber_loss: weight is not supported yet")
-    if composite.needs_composite(input, target):
-        return reference.huber_loss(input, target, reduction, delta)
+    """Drop-in for torch.nn.functional.huber_loss; weight (the input's shape) multiplies each
+    element's loss before the reduction, as in torch."""
+    if composite.needs_composite(input, target, weight):
+        return reference.huber_loss(input, target, reduction, delta, weight=weight)
     red = reduction_enum(reduction)
-    input, target = _broadcast_like_torch(input, target)
+    if weight is not None and weight.size() != input.size():  # before broadcasting, as torch
+        raise ValueError("Weights and input must have the same size.")
     # torch computes in the promoted dtype and returns the input's.
-    dtype = torch.promote_types(input.dtype, target.dtype)
+    dtype, out_dtype = torch.promote_types(input.dtype, target.dtype), input.dtype
     if not input.dtype.is_floating_point:
         raise RuntimeError(f"result type {dtype} can't be cast to the desired output type {input.dtype}")
+    input, target = _broadcast_like_torch(input.to(dtype), target.to(dtype))  # promoted first, as smooth L1
     if delta <= 0:
         raise RuntimeError("huber_loss does not support non-positive values for delta.")
-    return ops.huber_loss_forward(input.to(dtype), target.to(dtype), red, float(delta)).to(input.dtype)
+    if weight is not None:
+        weight = weight.to(dtype)
+    return ops.huber_loss_forward(input, target, weight, red, float(delta)).to(out_dtype)
 
 
 def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
@@ -173,6 +204,8 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
     if targets.size() != inputs.size():
         raise ValueError(f"Target size ({targets.size()}) must be the same as input size ({inputs.size()})")
     _check_floating_input(inputs, "sigmoid_focal_loss")
+    if not targets.dtype.is_floating_point:  # torchvision's formula fails there too (inside BCE)
+        raise RuntimeError(f"fused_loss.sigmoid_focal_loss: expected floating point targets, got {targets.dtype}")
     dtype = torch.promote_types(inputs.dtype, targets.dtype)
     return ops.sigmoid_focal_loss_forward(inputs.to(dtype), targets.to(dtype), REDUCTIONS[reduction], float(alpha),
                                           float(gamma))

@@ -222,12 +222,24 @@ def _(grad, input, target, weight, pos_weight, reduction, input_grad, target_gra
     return _grad_pair_fake(input, target, input_grad, target_grad)
 
 
-for _name in ("smooth_l1_loss", "huber_loss"):
-    register_fake(f"fused_loss::{_name}_forward")(
-        lambda input, target, reduction, param: _elementwise_fake_forward(input, target, reduction))
-    register_fake(f"fused_loss::{_name}_backward")(
-        lambda grad, input, target, reduction, param, input_grad, target_grad:
-        _grad_pair_fake(input, target, input_grad, target_grad))
+@register_fake("fused_loss::smooth_l1_loss_forward")
+def _(input, target, reduction, beta):
+    return _elementwise_fake_forward(input, target, reduction)
+
+
+@register_fake("fused_loss::smooth_l1_loss_backward")
+def _(grad, input, target, reduction, beta, input_grad, target_grad):
+    return _grad_pair_fake(input, target, input_grad, target_grad)
+
+
+@register_fake("fused_loss::huber_loss_forward")
+def _(input, target, weight, reduction, delta):
+    return _elementwise_fake_forward(input, target, reduction)
+
+
+@register_fake("fused_loss::huber_loss_backward")
+def _(grad, input, target, weight, reduction, delta, input_grad, target_grad):
+    return _grad_pair_fake(input, target, input_grad, target_grad)
 
 
 @register_fake("fused_loss::sigmoid_focal_loss_forward")
@@ -242,8 +254,9 @@ def _(grad, input, target, reduction, alpha, gamma, input_grad, target_grad):
 
 def _register_elementwise_autograd(name: str, n_tensors: int):
     """Autograd for <name>_forward and <name>_backward, whose first n_tensors arguments are
-    tensors (input, target, then optional weights, which get no gradient) and the rest plain
-    options."""
+    tensors (input, target, then optional weights) and the rest plain options. A weight that
+    needs a gradient (Huber's; torch refuses it for BCE before any op is called) gets all
+    gradients from the composition."""
     backward_op = getattr(ops, f"{name}_backward")
     loss_fn = getattr(composite, f"{name}_forward")
 
@@ -253,10 +266,13 @@ def _register_elementwise_autograd(name: str, n_tensors: int):
 
     def backward(ctx, grad):
         tensors = ctx.saved_tensors
+        none = [None] * (len(ctx.needs_input_grad) - n_tensors)
         if any(ctx.needs_input_grad[2:n_tensors]):
-            raise NotImplementedError(f"fused_loss.{name}: gradients w.r.t. weights are not implemented")
-        need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            grads = composite.vjp(lambda *ts: loss_fn(*ts, *ctx.options), list(tensors),
+                                  list(ctx.needs_input_grad[:n_tensors]), grad)
+            return (*grads, *none)
         none = [None] * (len(ctx.needs_input_grad) - 2)
+        need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_input or need_target):
             return (None, None, *none)
         dx, dt = backward_op(grad, *tensors, *ctx.options, need_input, need_target)
@@ -284,5 +300,5 @@ def _register_elementwise_autograd(name: str, n_tensors: int):
 
 _register_elementwise_autograd("binary_cross_entropy_with_logits", 4)
 _register_elementwise_autograd("smooth_l1_loss", 2)
-_register_elementwise_autograd("huber_loss", 2)
+_register_elementwise_autograd("huber_loss", 3)
 _register_elementwise_autograd("sigmoid_focal_loss", 2)

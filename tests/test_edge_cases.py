@@ -163,3 +163,88 @@ def test_smooth_l1_of_an_integer_input_and_a_float_target():
         fused_loss.smooth_l1_loss(x, x)
     with pytest.raises(RuntimeError, match="can't be cast"):
         fused_loss.huber_loss(x, y)
+
+
+# --- found by the fuzzer (tests/test_fuzz.py) ------------------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("shape", [(3, 0), (0, 0)], ids=str)
+def test_smoothing_without_classes_is_nan_as_in_torch(shape, reduction):
+    x, t = torch.empty(shape), torch.zeros(shape[0], dtype=torch.long)
+    kw = dict(ignore_index=0, label_smoothing=0.5, reduction=reduction)
+    _same(fused_loss.cross_entropy(x, t, **kw), F.cross_entropy(x, t, **kw))
+
+
+def test_kdim_class_targets_without_classes_all_ignored_are_zero():
+    # torch fails here with a size mismatch (see README); ours is what torch gives for (N, 0).
+    out = fused_loss.cross_entropy(torch.empty(2, 0, 3), torch.full((2, 3), -100), reduction="none")
+    assert torch.equal(out, torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("case", ["kdim", "smooth_weight_mean", "smooth_weight_sum", "plain", "unbatched"])
+def test_uint8_targets_where_torch_takes_them(case):
+    x, t, kw = torch.randn(4, 3), torch.tensor([0, 2, 1, 2], dtype=torch.uint8), {}
+    if case == "kdim":
+        x, t = torch.randn(4, 3, 2), t[:, None].expand(4, 2).contiguous()
+    elif case.startswith("smooth_weight"):
+        kw = dict(weight=torch.rand(3), label_smoothing=0.1, reduction=case.split("_")[-1])
+    elif case == "unbatched":
+        x, t = x[0], t[0]
+    try:
+        expected = F.cross_entropy(x, t, **kw)
+    except RuntimeError:
+        with pytest.raises(RuntimeError, match="fused_loss.cross_entropy: expected scalar type Long"):
+            fused_loss.cross_entropy(x, t, **kw)
+        return
+    _same(fused_loss.cross_entropy(x, t, **kw), expected)
+
+
+def test_kdim_weight_of_c_elements_in_any_shape():
+    x, t, w = torch.randn(4, 3, 2), torch.randint(0, 3, (4, 2)), torch.rand(3, 1)
+    _same(fused_loss.cross_entropy(x, t, w), F.cross_entropy(x, t, w))
+
+
+def test_elementwise_mean_is_torchs_deprecated_mean():
+    x, t = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        ours = fused_loss.cross_entropy(x, t, reduction="elementwise_mean")
+    _same(ours, F.cross_entropy(x, t))
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        fused_loss.SmoothL1Loss(reduction="elementwise_mean")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_huber_weight(reduction):
+    x, y, w = torch.randn(5, 4), torch.randn(5, 4), torch.rand(5, 4)
+    compare(lambda x, y, w, **kw: fused_loss.huber_loss(x, y, weight=w, **kw),
+            lambda x, y, w, **kw: F.huber_loss(x, y, weight=w, **kw), [x, y, w], reduction=reduction, delta=0.7)
+    with pytest.raises(ValueError, match="Weights and input must have the same size"):
+        fused_loss.huber_loss(x, y, weight=torch.rand(4))
+
+
+def test_bce_weights_requiring_grad_are_refused_at_the_forward_as_in_torch():
+    x, y = torch.randn(3, 2, requires_grad=True), torch.rand(3, 2)
+    for kw in [dict(weight=torch.rand(2, requires_grad=True)), dict(pos_weight=torch.rand(2, requires_grad=True))]:
+        with pytest.raises(RuntimeError, match="not differentiable"):
+            F.binary_cross_entropy_with_logits(x, y, **kw)
+        with pytest.raises(RuntimeError, match="fused_loss.binary_cross_entropy_with_logits.*not differentiable"):
+            fused_loss.binary_cross_entropy_with_logits(x, y, **kw)
+
+
+def test_bce_target_gradient_at_minus_infinity_with_pos_weight():
+    x, y, pw = torch.tensor([-math.inf, math.inf, -3.0]), torch.tensor([0.5, 0.5, 0.2]), torch.tensor([0.1])
+    compare(fused_loss.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, [x, y],
+            reduction="none", pos_weight=pw)
+
+
+@pytest.mark.parametrize("x", [math.inf, -math.inf, 30.0])
+def test_focal_gamma_zero_at_infinite_logits(x):
+    """The input's gradient: torch's pow backward drops the (1 - p_t)^0 term, so no inf * 0."""
+    from fused_loss import reference
+    ys = torch.tensor([0.5, 0.3])
+    grads = []
+    for fn in (fused_loss.sigmoid_focal_loss, reference.sigmoid_focal_loss):
+        xs = torch.tensor([x, 1.0], requires_grad=True)
+        grads.append(torch.autograd.grad(fn(xs, ys, gamma=0.0, alpha=0.25, reduction="sum"), xs)[0])
+    torch.testing.assert_close(grads[0], grads[1])
+    assert torch.isfinite(grads[0]).all()

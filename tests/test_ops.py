@@ -61,7 +61,8 @@ def _elementwise_samples(requires_grad):
         ("binary_cross_entropy_with_logits", (x, y, None, None), 0, ()),
         ("smooth_l1_loss", (x, y), 1, (0.5,)),
         ("smooth_l1_loss", (x, y), 0, (0.0,)),
-        ("huber_loss", (x, y), 2, (0.5,)),
+        ("huber_loss", (x, y, None), 2, (0.5,)),
+        ("huber_loss", (x, y, torch.rand(6, 5)), 1, (1.5,)),
         ("sigmoid_focal_loss", (x, y), 0, (0.25, 2.0)),
         ("sigmoid_focal_loss", (x, y), 1, (-1.0, 1.5)),
     ]

@@ -16,6 +16,7 @@ MiB = 1 << 20
 def cache():
     before = fused_loss.cpu_cache_info()
     fused_loss.empty_cache()
+    fused_loss.set_cpu_cache_limits(max_bytes=1 << 30, max_blocks=2)  # whatever the environment set
     yield
     fused_loss.set_cpu_cache_limits(before.max_bytes, before.max_blocks)
     fused_loss.empty_cache()

@@ -279,12 +279,12 @@ TensorPair smooth_l1_backward(const Tensor& g, const Tensor& x, const Tensor& y,
                               bool dy) {
   return backward_entry("smooth_l1_loss", smooth_l1(beta), g, x, y, kNone, kNone, red, dx, dy);
 }
-Tensor huber_forward(const Tensor& x, const Tensor& y, int64_t red, double delta) {
-  return forward_entry("huber_loss", huber(delta), x, y, kNone, kNone, red);
+Tensor huber_forward(const Tensor& x, const Tensor& y, const OptTensor& w, int64_t red, double delta) {
+  return forward_entry("huber_loss", huber(delta), x, y, w, kNone, red);
 }
-TensorPair huber_backward(const Tensor& g, const Tensor& x, const Tensor& y, int64_t red, double delta, bool dx,
-                          bool dy) {
-  return backward_entry("huber_loss", huber(delta), g, x, y, kNone, kNone, red, dx, dy);
+TensorPair huber_backward(const Tensor& g, const Tensor& x, const Tensor& y, const OptTensor& w, int64_t red,
+                          double delta, bool dx, bool dy) {
+  return backward_entry("huber_loss", huber(delta), g, x, y, w, kNone, red, dx, dy);
 }
 Tensor focal_forward(const Tensor& x, const Tensor& y, int64_t red, double alpha, double gamma) {
   return forward_entry("sigmoid_focal_loss", SigmoidFocal{alpha, gamma}, x, y, kNone, kNone, red);

@@ -10,6 +10,17 @@
 #include <utility>
 #include <vector>
 
+// Under AddressSanitizer (scripts/sanitize.sh) a cached block is off-limits while unused,
+// and so is the rounding past a tensor's end: what malloc and free would catch.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define FL_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define FL_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define FL_POISON(p, n) ((void)(p), (void)(n))
+#define FL_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/strides.h>
 #include <torch/library.h>
@@ -64,20 +75,24 @@ class OutputCache {
   }
 
   void give_back(void* p, size_t bytes) {
-    std::vector<void*> to_free;
+    FL_POISON(p, bytes);
+    std::vector<std::pair<void*, size_t>> to_free;
     {
       std::lock_guard<std::mutex> lock(mu_);
       free_.emplace_back(p, bytes);
       held_ += bytes;
       trim(to_free);
     }
-    for (void* q : to_free) std::free(q);  // outside the lock: freeing 1 GiB takes a while
+    release(to_free);
   }
 
   int64_t release_all() {
     std::lock_guard<std::mutex> lock(mu_);
     const int64_t released = int64_t(held_);
-    for (auto& [p, bytes] : free_) std::free(p);
+    for (auto& [p, bytes] : free_) {
+      FL_UNPOISON(p, bytes);
+      std::free(p);
+    }
     free_.clear();
     held_ = 0;
     return released;
@@ -89,14 +104,14 @@ class OutputCache {
   }
 
   void set_limits(int64_t max_bytes, int64_t max_blocks) {
-    std::vector<void*> to_free;
+    std::vector<std::pair<void*, size_t>> to_free;
     {
       std::lock_guard<std::mutex> lock(mu_);
       max_bytes_ = std::max<int64_t>(0, max_bytes);
       max_blocks_ = std::max<int64_t>(0, max_blocks);
       trim(to_free);
     }
-    for (void* q : to_free) std::free(q);
+    release(to_free);
   }
 
  private:
@@ -104,10 +119,18 @@ class OutputCache {
       : max_bytes_(env_or("FUSED_LOSS_CPU_CACHE_BYTES", default_max_bytes())),
         max_blocks_(env_or("FUSED_LOSS_CPU_CACHE_BLOCKS", kDefaultMaxBlocks)) {}
 
+  // Frees blocks dropped by trim, outside the lock (freeing 1 GiB takes a while).
+  static void release(const std::vector<std::pair<void*, size_t>>& blocks) {
+    for (auto& [p, bytes] : blocks) {
+      FL_UNPOISON(p, bytes);
+      std::free(p);
+    }
+  }
+
   // Drops the oldest blocks until both limits hold (mu_ held).
-  void trim(std::vector<void*>& to_free) {
+  void trim(std::vector<std::pair<void*, size_t>>& to_free) {
     while (!free_.empty() && (int64_t(free_.size()) > max_blocks_ || int64_t(held_) > max_bytes_)) {
-      to_free.push_back(free_.front().first);
+      to_free.push_back(free_.front());
       held_ -= free_.front().second;
       free_.pop_front();
     }
@@ -129,6 +152,7 @@ struct Block {
 
 void return_block(void* ctx) {
   auto* b = static_cast<Block*>(ctx);
+  FL_UNPOISON(b->ptr, b->bytes);
   OutputCache::get().give_back(b->ptr, b->bytes);
   delete b;
 }
@@ -143,6 +167,8 @@ at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options)
   const size_t block = round_up(bytes, kHuge);
   void* p = OutputCache::get().take(block);
   TORCH_CHECK(p != nullptr, "fused_loss: out of memory allocating ", block, " bytes");
+  FL_UNPOISON(p, bytes);
+  FL_POISON(static_cast<char*>(p) + bytes, block - bytes);
   c10::DataPtr data(p, new Block{p, block}, &return_block, c10::Device(c10::DeviceType::CPU));
   // Resizable with the CPU allocator, as torch's own storages: code that frees a gradient
   // with untyped_storage().resize_(0) (sharded training) works on ours too.

@@ -34,6 +34,10 @@ template <typename A>
 inline Vectorized<A> fl_where_lt(Vectorized<A> c, Vectorized<A> d, Vectorized<A> a, Vectorized<A> b) {
   return Vectorized<A>::blendv(b, a, c < d);
 }
+template <typename A>
+inline Vectorized<A> fl_where_le(Vectorized<A> c, Vectorized<A> d, Vectorized<A> a, Vectorized<A> b) {
+  return Vectorized<A>::blendv(b, a, c <= d);
+}
 template <typename A, typename P>
 inline Vectorized<A> fl_pow(Vectorized<A> x, P p) { return x.pow(Vectorized<A>(A(p))); }
 

@@ -184,8 +184,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(const at::Tensor& i
                                                        ignore_index, p, RowStats<A>(stats), rows.data_ptr<A>());
     });
     if (red == Reduction::Mean) denominator = class_mean_denominator(y.data_ptr<int64_t>(), g.rows(), w, ignore_index);
+    if (g.classes == 0 && p.smooth) rows.fill_(std::numeric_limits<double>::quiet_NaN());
   });
-  return {reduce_loss(rows, red, denominator, target.sizes(), input), stats};
+  at::Tensor loss = reduce_loss(rows, red, denominator, target.sizes(), input);
+  // No classes: torch's smoothing term is (its sum) * (eps / 0), NaN in every row, ignored or
+  // not, and in the sum even of no rows.
+  if (g.classes == 0 && label_smoothing > 0.0) loss.fill_(std::numeric_limits<double>::quiet_NaN());
+  return {loss, stats};
 }
 
 at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,

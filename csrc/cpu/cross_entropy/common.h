@@ -182,13 +182,15 @@ double sum_rows(const A* v, int64_t n) {
 }
 
 // 'mean' divides by the summed weight of the non-ignored targets (their count unweighted).
+// A zero total gives NaN, loss and gradients, as torch's nll_loss (0 / 0) even where the
+// smoothing part alone would be finite.
 template <typename A>
 double class_mean_denominator(const int64_t* y, int64_t n, const std::vector<A>& w, int64_t ignore_index) {
   double d = 0;
   for (int64_t i = 0; i < n; ++i) {
     if (y[i] != ignore_index) d += w.empty() ? 1.0 : double(w[y[i]]);
   }
-  return d;
+  return d == 0.0 ? std::numeric_limits<double>::quiet_NaN() : d;
 }
 
 // Reduced loss from per-row losses: 'none' keeps the rows in `shape`, the others a scalar.

@@ -135,9 +135,10 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_forward_cpu(const at::Tens
   at::Tensor stats = new_row_stats(3, g.rows(), input);
   // A row of no classes has the loss -(empty sum) = -0, as torch's.
   at::Tensor rows = at::full({g.rows()}, -0.0, input.options().dtype(acc));
-  if (g.classes > 0) AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_prob_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_prob_forward", [&] {
     using A = acc_t<scalar_t>;
     const auto w = class_weights<A>(weight, input, g.classes);
+    if (g.classes == 0) return;
     const auto p = make_params<A>(label_smoothing, g.classes, w);
     dispatch_bool(!w.empty(), [&](auto W) {
       prob_forward_impl<scalar_t, decltype(W)::value>(x.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), w, g, p,

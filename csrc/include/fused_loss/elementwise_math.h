@@ -4,7 +4,8 @@
 // Every function is a template over V: a scalar (float/double, host or device) or a CPU
 // vector (at::vec::Vectorized<float/double>). A backend provides the primitives for its V:
 //   fl_exp, fl_log1p, fl_abs, fl_max, fl_min, fl_sign, fl_where_ge0(c, a, b) = c >= 0 ? a : b,
-//   fl_where_lt(c, d, a, b) = c < d ? a : b, fl_pow(x, p) with p a scalar.
+//   fl_where_lt(c, d, a, b) = c < d ? a : b, fl_where_le(c, d, a, b) = c <= d ? a : b,
+//   fl_pow(x, p) with p a scalar.
 // fl_exp must return NaN for NaN, as std::exp does.
 // The scalar primitives are defined here; csrc/cpu/vec_math.h declares the vector ones and
 // must be included before this header (unqualified calls in templates see the overloads
@@ -34,6 +35,8 @@ template <typename S>
 FL_HOST_DEVICE S fl_where_ge0(S c, S a, S b) { return c >= S(0) ? a : b; }
 template <typename S>
 FL_HOST_DEVICE S fl_where_lt(S c, S d, S a, S b) { return c < d ? a : b; }
+template <typename S>
+FL_HOST_DEVICE S fl_where_le(S c, S d, S a, S b) { return c <= d ? a : b; }
 template <typename S, typename P>
 FL_HOST_DEVICE S fl_pow(S x, P p) { return std::pow(x, S(p)); }
 
@@ -57,7 +60,8 @@ struct ElemGrads {
 // loss = (1 - y) x + lw * softplus(-x),  lw = 1 + (pw - 1) y,  softplus(-x) = -log(sigmoid(x))
 //      = log1p(exp(-|x|)) + max(-x, 0)   (stable for any x)
 // d/dx = (1 - y) - lw * sigmoid(-x),     d/dy = -x + (pw - 1) * softplus(-x)
-// pw is 1 without pos_weight. One exp serves the loss and both gradients.
+// pw is 1 without pos_weight. One exp serves the loss and both gradients. d/dy is evaluated as
+// (x >= 0 ? -x : -pw x) + (pw - 1) log1p(exp(-|x|)), which has no inf - inf at x = -inf.
 struct BceWithLogits {
   bool has_pos_weight;  // without one, d/dy = -x exactly (no 0 * inf at infinite logits)
   template <typename V>
@@ -76,8 +80,8 @@ struct BceWithLogits {
   template <typename V>
   FL_HOST_DEVICE V grad_target(const ElemArgs<V>& a) const {
     if (!has_pos_weight) return a.w * (V(0) - a.x);
-    const V sp = fl_log1p(fl_exp(V(0) - fl_abs(a.x))) + fl_max(V(0) - a.x, V(0));
-    return a.w * ((a.pw - V(1)) * sp - a.x);
+    const V l = fl_log1p(fl_exp(V(0) - fl_abs(a.x)));
+    return a.w * (fl_where_ge0(a.x, V(0) - a.x, V(0) - a.pw * a.x) + (a.pw - V(1)) * l);
   }
 };
 
@@ -85,8 +89,8 @@ struct BceWithLogits {
 // d = x - y. Smooth L1: |d| < beta ? d^2 / (2 beta) : |d| - beta / 2; beta = 0 is L1, whose
 // gradient is sign(d) (0 at d = 0, and at NaN as torch's sign), with no division by beta.
 // Huber: |d| < delta ? d^2 / 2 : delta (|d| - delta / 2) = beta * smooth L1 with beta = delta.
-// Their gradients are written as torch's: d < -beta ? -1 : d > beta ? 1 : d / beta, so that a
-// NaN difference gives a NaN gradient.
+// Their gradients are written as torch's: d <= -beta ? -1 : d >= beta ? 1 : d / beta, so that a
+// NaN difference gives a NaN gradient (and a beta that rounds to 0 in float gives torch's +1 at d = 0).
 struct SmoothL1 {
   double beta;
   double inv_beta;  // 1 / beta when x / beta == x * (1 / beta) exactly, else 0
@@ -114,7 +118,7 @@ struct SmoothL1 {
     const V d = a.x - a.y;
     if (beta == 0.0) return a.w * fl_sign(d);
     const V b(beta);
-    return a.w * fl_where_lt(d, V(0) - b, V(-1), fl_where_lt(b, d, V(1), over_beta(d)));
+    return a.w * fl_where_le(d, V(0) - b, V(-1), fl_where_le(b, d, V(1), over_beta(d)));
   }
   template <typename V>
   FL_HOST_DEVICE V grad_target(const ElemArgs<V>& a) const { return V(0) - grad_input(a); }
@@ -130,7 +134,7 @@ struct Huber {
   template <typename V>
   FL_HOST_DEVICE V grad_input(const ElemArgs<V>& a) const {
     const V d = a.x - a.y, dl(delta);
-    return a.w * fl_where_lt(d, V(0) - dl, V(0) - dl, fl_where_lt(dl, d, dl, d));
+    return a.w * fl_where_le(d, V(0) - dl, V(0) - dl, fl_where_le(dl, d, dl, d));
   }
   template <typename V>
   FL_HOST_DEVICE V grad_target(const ElemArgs<V>& a) const { return V(0) - grad_input(a); }
@@ -139,7 +143,8 @@ struct Huber {
 // --- sigmoid focal loss (torchvision.ops.sigmoid_focal_loss) ------------------------------------
 // s = sigmoid(x), ce = BCE-with-logits(x, y), p_t = s y + (1 - s)(1 - y), m = 1 - p_t,
 // loss = a_t ce m^gamma with a_t = alpha y + (1 - alpha)(1 - y) when alpha >= 0, else 1.
-// Gradients follow torch autograd of that formula, including d(m^gamma)/dm = 0 for gamma = 0.
+// Gradients follow torch autograd of that formula, including d(m^gamma)/dm = 0 for gamma = 0,
+// where torch's pow backward drops the whole term (so an infinite ce adds no NaN).
 struct SigmoidFocal {
   double alpha, gamma;
 
@@ -178,8 +183,9 @@ struct SigmoidFocal {
     const V at = alpha_t(a.y), mg = pow_gamma(m), dmg = dpow_gamma(m);
     const V two_y_1 = V(2) * a.y - V(1), two_s_1 = V(2) * s - V(1);
     // dm/dx = -s (1 - s) (2y - 1);  dm/dy = -(2s - 1);  dce/dx = s - y;  dce/dy = -x
-    const V dx = at * ((s - a.y) * mg - ce * dmg * s * (V(1) - s) * two_y_1);
     const V dat = alpha >= 0 ? V(2 * alpha - 1) : V(0);
+    if (gamma == 0.0) return {at * (s - a.y), dat * ce + at * (V(0) - a.x)};
+    const V dx = at * ((s - a.y) * mg - ce * dmg * s * (V(1) - s) * two_y_1);
     const V dy = dat * ce * mg + at * ((V(0) - a.x) * mg - ce * dmg * two_s_1);
     return {dx, dy};
   }
