@@ -34,7 +34,8 @@ def _fused_why_not(loss, device):
 def _has_cuda_kernels() -> bool:
     try:
         x = torch.zeros(1, 2, device="cuda")
-        torch.ops.fused_loss.cross_entropy_forward(x, torch.zeros(1, dtype=torch.long, device="cuda"), None, 1, -100, 0.0)
+        torch.ops.fused_loss.cross_entropy_forward(x, torch.zeros(1, dtype=torch.long, device="cuda"), None, 1, -100, 0.0,
+                                                   False)
         return True
     except (NotImplementedError, RuntimeError):
         return False

@@ -15,11 +15,13 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fused_loss, m) {
-  // Class-index targets. Returns the loss (reduced as asked) and the row statistics the
-  // backward needs besides the inputs: a (2, rows) tensor of row maxima and log-sums.
+  // Class-index targets. Returns the loss (reduced as asked), the row statistics the
+  // backward needs besides the inputs (a (2, rows) tensor of row maxima and log-sums) and,
+  // when compute_grad is set, the input's gradient for an upstream gradient of 1, written in
+  // the same pass ((N, C) input, reductions mean and sum; otherwise an empty tensor).
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index, "
-      "float label_smoothing) -> (Tensor loss, Tensor stats)");
+      "float label_smoothing, bool compute_grad) -> (Tensor loss, Tensor stats, Tensor grad)");
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor stats, "
       "int reduction, int ignore_index, float label_smoothing) -> Tensor");

@@ -78,7 +78,11 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
         if weight is not None and input.dim() > 2 and weight.dim() > 1 and weight.numel() == input.shape[1] \
                 and not (label_smoothing > 0 and red == REDUCTIONS["mean"]):
             weight = weight.reshape(-1)  # torch's K-dim path takes any weight of C elements (but its gather)
-        return ops.cross_entropy_forward(input, target, weight, red, ignore_index, float(label_smoothing))[0]
+        # The gradient is written in the forward's pass when it will be needed (see README);
+        # under torch.compile the backward recomputes it (no host read of the upstream gradient).
+        compute_grad = input.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        return ops.cross_entropy_forward(input, target, weight, red, ignore_index, float(label_smoothing),
+                                         compute_grad)[0]
     if not target.dtype.is_floating_point:
         raise RuntimeError(f"Expected floating point type for target with class probabilities, got {target.dtype}")
     if ignore_index >= 0:

@@ -84,11 +84,13 @@ def _grad_pair(dx, dt, input_grad, target_grad):
 # --- class-index targets -------------------------------------------------------------
 
 @register_fake("fused_loss::cross_entropy_forward")
-def _(input, target, weight, reduction, ignore_index, label_smoothing):
+def _(input, target, weight, reduction, ignore_index, label_smoothing, compute_grad):
     _check_input(input)
     torch._check(tuple(target.shape) == _row_shape(input), lambda: "target shape does not match input")
     loss = input.new_empty(target.shape if reduction == 0 else ())
-    return loss, _row_stats_fake(input, 2)
+    in_pass = compute_grad and input.dim() == 2 and reduction != 0  # csrc: in_pass_gradient
+    grad = torch.empty_like(input, memory_format=torch.contiguous_format) if in_pass else input.new_empty((0,))
+    return loss, _row_stats_fake(input, 2), grad
 
 
 @register_fake("fused_loss::cross_entropy_backward")
@@ -97,22 +99,49 @@ def _(grad_loss, input, target, weight, stats, reduction, ignore_index, label_sm
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
+def _is_exactly_one(t: torch.Tensor) -> bool:
+    """Whether an upstream gradient is the scalar 1, where reading it costs nothing (a CPU
+    tensor, outside tracing); elsewhere False, and the caller takes its general path."""
+    if t.numel() != 1 or t.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if torch._subclasses.fake_tensor.is_fake(t) or torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return False
+    return t.item() == 1.0
+
+
 def _ce_setup_context(ctx, inputs, output):
-    input, target, weight, reduction, ignore_index, label_smoothing = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(input, target, weight, output[1])
+    input, target, weight, reduction, ignore_index, label_smoothing, compute_grad = inputs
+    _, stats, grad = output
+    ctx.mark_non_differentiable(stats, grad)
+    ctx.set_materialize_grads(False)  # no zero-filled N x C "gradients" for stats and grad
+    ctx.save_for_backward(input, target, weight, stats)
     ctx.args = (reduction, ignore_index, label_smoothing)
+    # The gradient from the forward's pass, until handed out. An attribute, not a saved tensor:
+    # dropped when handed out, autograd can then keep the buffer as x.grad without a copy, and a
+    # user writing into it later does not trip the saved-tensor version check of a retained graph.
+    ctx.in_pass_grad = grad if grad.numel() > 0 else None
 
 
-def _ce_backward(ctx, grad_loss, grad_stats):
+def _ce_backward(ctx, grad_loss, grad_stats, grad_grad):
+    if grad_loss is None:  # no gradient reached the loss (grads are not materialised)
+        ctx.in_pass_grad = None
+        return None, None, None, None, None, None, None
     input, target, weight, stats = ctx.saved_tensors
     if ctx.needs_input_grad[2]:
         raise NotImplementedError("fused_loss.cross_entropy: the derivative for 'weight' is not implemented "
                                   "for class-index targets (as in torch)")
     grad_input = None
     if ctx.needs_input_grad[0]:
+        # The forward's gradient is handed out as it is, once: for an upstream gradient of
+        # exactly 1 (loss.backward() on 'mean' or 'sum'), and not when the result must be
+        # differentiable (create_graph). A later backward through a retained graph, or any
+        # other upstream gradient, recomputes it from the logits: a buffer that may have been
+        # handed out is never read or scaled again.
+        grad, ctx.in_pass_grad = ctx.in_pass_grad, None
+        if grad is not None and not torch.is_grad_enabled() and _is_exactly_one(grad_loss):
+            return grad, None, None, None, None, None, None
         grad_input = ops.cross_entropy_backward(grad_loss, input, target, weight, stats, *ctx.args)
-    return grad_input, None, None, None, None, None
+    return grad_input, None, None, None, None, None, None
 
 
 register_autograd("fused_loss::cross_entropy_forward", _ce_backward, setup_context=_ce_setup_context)
@@ -156,11 +185,14 @@ def _(grad_loss, input, target, weight, stats, reduction, label_smoothing, input
 def _ce_prob_setup_context(ctx, inputs, output):
     input, target, weight, reduction, label_smoothing = inputs
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, target, weight, output[1])
     ctx.args = (reduction, label_smoothing)
 
 
 def _ce_prob_backward(ctx, grad_loss, grad_stats):
+    if grad_loss is None:  # no gradient reached the loss (grads are not materialised)
+        return None, None, None, None, None
     input, target, weight, stats = ctx.saved_tensors
     need_input, need_target, need_weight = ctx.needs_input_grad[:3]
     if need_weight:

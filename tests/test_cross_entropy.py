@@ -217,7 +217,7 @@ def test_out_of_range_target_raises_naming_target_and_classes(shape, target):
 
 def test_out_of_range_target_raises_in_backward_op_too():
     x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
-    lse = torch.ops.fused_loss.cross_entropy_forward(x, t, None, 1, -100, 0.0)[1]
+    lse = torch.ops.fused_loss.cross_entropy_forward(x, t, None, 1, -100, 0.0, False)[1]
     with pytest.raises(IndexError, match="Target 9 is out of bounds"):
         torch.ops.fused_loss.cross_entropy_backward(torch.ones(()), x, torch.tensor([0, 1, 2, 9]), None, lse, 1, -100, 0.0)
 

@@ -17,10 +17,59 @@ namespace {
 
 enum class Smooth { kNone, kUniform, kWeighted };
 
+// The gradient of a class-index row, shared by the forward (which writes it in the pass that
+// reads the row, for an upstream gradient of 1) and the backward: coefficients per row, and
+// the line functor grad_chunk applies. grad_rows / grad_all: each row's share of the upstream
+// gradient ('mean' already divided by its denominator); an ignored row gets 0.
+template <typename T, Smooth S>
+struct ClassRowGrad {
+  using A = acc_t<T>;
+  using V = AccVec<T>;
+  const int64_t* y;
+  const A* wp;  // class weights or null
+  int64_t ignore_index;
+  CrossEntropyParams<A> p;
+  RowStats<A> stats;
+  const A* grad_rows;
+  A grad_all;
+
+  bool ignored(int64_t row) const { return y[row] == ignore_index; }
+
+  CrossEntropyClassGrad<A> coefs(int64_t row) const {
+    if (ignored(row)) return {A(0), A(0), A(0)};
+    auto cf = ce_class_grad_coefs(p, grad_rows ? grad_rows[row] : grad_all, wp ? wp[y[row]] : A(1));
+    if (std::isnan(stats.log_sum()[row])) cf.a = stats.log_sum()[row];  // see row_lse
+    return cf;
+  }
+
+  // make_line for grad_chunk: reads the row's stats, so call it after they are final.
+  auto operator()(int64_t row, int64_t c0) const {
+    const auto cf = coefs(row);
+    const V vm(stats.max()[row]), vls(stats.log_sum()[row]), va(cf.a), vb(cf.b);
+    const A* wc = wp ? wp + c0 : nullptr;
+    const int64_t ty = y[row] - c0;  // target position within the chunk
+    const A t_y = cf.t_y;
+    return [=](int64_t i, V* v, int64_t cnt) {
+      for (int k = 0; k < kVecsPerLine<T>; ++k) {
+        V o = ((v[k] - vm) - vls).exp_u20() * va;
+        if constexpr (S == Smooth::kUniform) o = o - vb;
+        if constexpr (S == Smooth::kWeighted) {
+          const int64_t n = lanes_in<T>(cnt, k), c = i + k * kLanes<T>;
+          if (n > 0) o = o - vb * (n == kLanes<T> ? V::loadu(wc + c) : V::loadu(wc + c, n));
+        }
+        v[k] = o;
+      }
+      if (ty >= i && ty < i + cnt) sub_at<T>(v, ty - i, t_y);
+    };
+  }
+};
+
+// dx: where the gradient of the loss (upstream gradient grad_all for every row) is written
+// in the same pass, or null for the loss alone. Only the row path (inner == 1) takes one.
 template <typename T, Smooth S>
 void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>>& w, const Geometry& g,
                         int64_t ignore_index, const CrossEntropyParams<acc_t<T>>& p, const RowStats<acc_t<T>>& stats,
-                        acc_t<T>* loss) {
+                        acc_t<T>* loss, T* dx, acc_t<T> grad_all) {
   using A = acc_t<T>;
   using V = AccVec<T>;
   const A* wp = w.empty() ? nullptr : w.data();
@@ -39,13 +88,18 @@ void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>
         finish_row(row, pt.m, pt.s, r, pt.t1, static_cast<A>(x[row * g.classes + y[row]]), y[row]);
       }
     };
+    auto run = [&](auto make_terms) {
+      if (dx) {
+        const ClassRowGrad<T, S> line{y, wp, ignore_index, p, stats, nullptr, grad_all};
+        row_stats_and_grad<T>(x, dx, g.outer, g.classes, make_terms, skip, finish, line);
+      } else {
+        row_stats<T>(x, g.outer, g.classes, make_terms, skip, finish);
+      }
+    };
     if constexpr (S == Smooth::kNone) {
-      row_stats<T>(x, g.outer, g.classes, [](int64_t, int64_t, A) { return NoTerms<T>{}; }, skip, finish);
+      run([](int64_t, int64_t, A) { return NoTerms<T>{}; });
     } else {
-      row_stats<T>(
-          x, g.outer, g.classes,
-          [&](int64_t, int64_t c0, A r) { return SmoothingTerms<T, S == Smooth::kWeighted>{wp ? wp + c0 : nullptr, r}; },
-          skip, finish);
+      run([&](int64_t, int64_t c0, A r) { return SmoothingTerms<T, S == Smooth::kWeighted>{wp ? wp + c0 : nullptr, r}; });
     }
     return;
   }
@@ -76,33 +130,9 @@ void class_backward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T
   using A = acc_t<T>;
   using V = AccVec<T>;
   const A* wp = w.empty() ? nullptr : w.data();
-  // g: this row's share of the upstream gradient; 0 for an ignored row.
-  auto coefs = [&](int64_t row) {
-    if (y[row] == ignore_index) return CrossEntropyClassGrad<A>{A(0), A(0), A(0)};
-    auto cf = ce_class_grad_coefs(p, grad_rows ? grad_rows[row] : grad_all, wp ? wp[y[row]] : A(1));
-    if (std::isnan(stats.log_sum()[row])) cf.a = stats.log_sum()[row];  // see row_lse
-    return cf;
-  };
+  const ClassRowGrad<T, S> row_line{y, wp, ignore_index, p, stats, grad_rows, grad_all};
   if (g.inner == 1) {
-    auto ignored = [&](int64_t row) { return y[row] == ignore_index; };
-    row_grad<T>(x, dx, dx, g.outer, g.classes, ignored, [&](int64_t row, int64_t c0) {
-      const auto cf = coefs(row);
-      const V vm(stats.max()[row]), vls(stats.log_sum()[row]), va(cf.a), vb(cf.b);
-      const A* wc = wp ? wp + c0 : nullptr;
-      const int64_t ty = y[row] - c0;  // target position within the chunk
-      return [=](int64_t i, V* v, int64_t cnt) {
-        for (int k = 0; k < kVecsPerLine<T>; ++k) {
-          V o = ((v[k] - vm) - vls).exp_u20() * va;
-          if constexpr (S == Smooth::kUniform) o = o - vb;
-          if constexpr (S == Smooth::kWeighted) {
-            const int64_t n = lanes_in<T>(cnt, k), c = i + k * kLanes<T>;
-            if (n > 0) o = o - vb * (n == kLanes<T> ? V::loadu(wc + c) : V::loadu(wc + c, n));
-          }
-          v[k] = o;
-        }
-        if (ty >= i && ty < i + cnt) sub_at<T>(v, ty - i, cf.t_y);
-      };
-    });
+    row_grad<T>(x, dx, dx, g.outer, g.classes, [&](int64_t row) { return row_line.ignored(row); }, row_line);
     return;
   }
   for_each_column_tile<T>(g, [&](int64_t n, int64_t j0, int64_t nl) {
@@ -119,7 +149,7 @@ void class_backward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T
       if (j >= nl) continue;
       const int64_t row = n * g.inner + j0 + j;
       if (y[row] == ignore_index) continue;
-      const auto cf = coefs(row);
+      const auto cf = row_line.coefs(row);
       a[j] = cf.a, b[j] = cf.b, ty[j] = cf.t_y, zero[j] = A(0);
       m[j] = stats.max()[row], ls[j] = stats.log_sum()[row];
       targets[nt++] = {y[row], j};
@@ -161,10 +191,12 @@ void dispatch_smooth(bool smooth, bool weighted, F f) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(const at::Tensor& input, const at::Tensor& target,
-                                                             const std::optional<at::Tensor>& weight,
-                                                             int64_t reduction, int64_t ignore_index,
-                                                             double label_smoothing) {
+// compute_grad: also return the gradient of the loss for an upstream gradient of 1, written
+// in the pass that reads the logits (reductions 'mean' and 'sum' of (N, C) input; otherwise an
+// empty tensor, and the backward recomputes). The backward then has nothing left to do.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing, bool compute_grad) {
   check_input(input);
   check_smoothing(label_smoothing);
   const Reduction red = to_reduction(reduction);
@@ -174,23 +206,27 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(const at::Tensor& i
   const auto acc = acc_type_of(input);
   at::Tensor stats = new_row_stats(2, g.rows(), input);
   at::Tensor rows = at::empty({g.rows()}, input.options().dtype(acc));
+  const bool in_pass = compute_grad && in_pass_gradient(input, red);
+  at::Tensor dx = in_pass ? new_like(input) : at::empty({0}, input.options());
   double denominator = 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_forward", [&] {
     using A = acc_t<scalar_t>;
     const auto w = class_weights<A>(weight, input, g.classes);
     const auto p = make_params<A>(label_smoothing, g.classes, w);
+    if (red == Reduction::Mean) denominator = class_mean_denominator(y.data_ptr<int64_t>(), g.rows(), w, ignore_index);
     dispatch_smooth(p.smooth, !w.empty(), [&](auto S) {
       class_forward_impl<scalar_t, decltype(S)::value>(x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), w, g,
-                                                       ignore_index, p, RowStats<A>(stats), rows.data_ptr<A>());
+                                                       ignore_index, p, RowStats<A>(stats), rows.data_ptr<A>(),
+                                                       in_pass ? dx.data_ptr<scalar_t>() : nullptr,
+                                                       A(1.0 / denominator));
     });
-    if (red == Reduction::Mean) denominator = class_mean_denominator(y.data_ptr<int64_t>(), g.rows(), w, ignore_index);
     if (g.classes == 0 && p.smooth) rows.fill_(std::numeric_limits<double>::quiet_NaN());
   });
   at::Tensor loss = reduce_loss(rows, red, denominator, target.sizes(), input);
   // No classes: torch's smoothing term is (its sum) * (eps / 0), NaN in every row, ignored or
   // not, and in the sum even of no rows.
   if (g.classes == 0 && label_smoothing > 0.0) loss.fill_(std::numeric_limits<double>::quiet_NaN());
-  return {loss, stats};
+  return {loss, stats, dx};
 }
 
 at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,

@@ -134,6 +134,13 @@ RowLse<A> row_lse(A m, A s) {
   return {m, std::log(s)};
 }
 
+// Whether a forward asked for the gradient writes it in its own pass: (N, C) input and a
+// reduced loss. For 'none' the upstream gradient differs per row, and scaling a stored gradient
+// would cost a pass more than recomputing it from the logits; (N, C, d...) input recomputes too.
+inline bool in_pass_gradient(const at::Tensor& input, Reduction red) {
+  return input.dim() == 2 && red != Reduction::None;
+}
+
 // Per-row statistics kept from the forward for the backward: a contiguous (parts, rows)
 // tensor in the accumulation type A whose first two parts are the row maxima and
 // log-sums (see RowLse); probability targets add a third.

@@ -218,35 +218,82 @@ void row_stats(const T* x, int64_t rows, int64_t classes, MakeTerms make_terms, 
   });
 }
 
-// Computes a row's gradient chunk by chunk over all (row, chunk) tasks in parallel.
-// make_line(row, c0) returns, once per chunk, a functor line(i, v, cnt) that turns the
-// logits v of the line at class c0 + i into its gradient, which is stored to `out`
-// unless out is null (a line functor may also write other outputs itself). A row for
-// which zero(row) holds gets zeros in `out` without its logits being read. `align` is
-// the output whose alignment decides which lines are streamed; every output is a fresh
-// contiguous tensor of the input's shape, so all share that alignment.
+// The gradient of one chunk of a row: n classes from class c0. make_line(row, c0) returns
+// a functor line(i, v, cnt) that turns the logits v of the line at class c0 + i into its
+// gradient, which is stored to `out` unless out is null (a line functor may also write other
+// outputs itself). A row for which `zero` holds gets zeros in `out` without its logits being
+// read. `align` is the output whose alignment decides which lines are streamed; every output
+// is a fresh contiguous tensor of the input's shape, so all share that alignment.
+// `ahead` is how far ahead of each line (in elements) to prefetch: by default a little way
+// along the row; in the one-pass forward, the same place in the next row, which the next
+// statistics pass then finds in cache while this row's gradient is being written.
+template <typename T, typename MakeLine>
+inline void grad_chunk(const T* x, T* out, const T* align, int64_t row, int64_t classes, int64_t c0, bool zero,
+                       MakeLine& make_line, int64_t ahead = kPrefetchBytes / int64_t(sizeof(T))) {
+  using V = AccVec<T>;
+  const int64_t n = std::min(kChunk, classes - c0), off = row * classes + c0;
+  if (zero) {
+    const V zeros[kVecsPerLine<T>] = {};
+    for_each_aligned_line(align + off, n, [&](int64_t i, int64_t cnt) { store_or_stream(out + off + i, zeros, cnt); });
+    return;
+  }
+  auto line = make_line(row, c0);
+  for_each_aligned_line(align + off, n, [&](int64_t i, int64_t cnt) {
+    __builtin_prefetch(x + off + i + ahead, 0, 3);
+    V v[kVecsPerLine<T>];
+    load_line_n(x + off + i, v, cnt);
+    line(i, v, cnt);
+    if (out) store_or_stream(out + off + i, v, cnt);
+  });
+}
+
+// Computes every row's gradient chunk by chunk over all (row, chunk) tasks in parallel (see
+// grad_chunk for the arguments).
 template <typename T, typename Zero, typename MakeLine>
 void row_grad(const T* x, T* out, const T* align, int64_t rows, int64_t classes, Zero zero, MakeLine make_line) {
-  using V = AccVec<T>;
   const int64_t nchunks = std::max<int64_t>(1, ceil_div(classes, kChunk));
   at::parallel_for(0, rows * nchunks, grain_for(std::min(classes, kChunk)), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / nchunks, c0 = (task % nchunks) * kChunk;
-      if (c0 >= classes) continue;
-      const int64_t n = std::min(kChunk, classes - c0), off = row * classes + c0;
-      if (zero(row)) {
-        const V zeros[kVecsPerLine<T>] = {};
-        for_each_aligned_line(align + off, n, [&](int64_t i, int64_t cnt) { store_or_stream(out + off + i, zeros, cnt); });
-        continue;
+      if (c0 < classes) grad_chunk(x, out, align, row, classes, c0, zero(row), make_line);
+    }
+    stream_fence();
+  });
+}
+
+// row_stats, then row_grad, in one pass when rows are many: each task takes whole rows and
+// computes a row's gradient right after its statistics, while the row is still in cache
+// (one read of the logits from memory, one write of the gradient). The statistics are merged
+// chunk by chunk in the same order either way, so the bits do not depend on the path taken
+// or on the thread count. `finish` must have stored what make_line(row, ...) reads.
+template <typename T, typename MakeTerms, typename Skip, typename Finish, typename MakeLine>
+void row_stats_and_grad(const T* x, T* out, int64_t rows, int64_t classes, MakeTerms make_terms, Skip skip,
+                        Finish finish, MakeLine make_line) {
+  using A = acc_t<T>;
+  if (rows < 4 * int64_t(at::get_num_threads()) || classes == 0) {  // too few rows to share out: split them
+    row_stats<T>(x, rows, classes, make_terms, skip, finish);
+    row_grad<T>(x, out, out, rows, classes, skip, make_line);
+    return;
+  }
+  at::parallel_for(0, rows, grain_for(classes), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const bool skipped = skip(row);
+      if (skipped) {
+        finish(row, Partial<A>{}, A(0));
+      } else {
+        const T* xr = x + row * classes;
+        const A r = row_shift(static_cast<A>(xr[0]));
+        Partial<A> p = chunk_stats<T>(xr, std::min(kChunk, classes), make_terms(row, 0, r));
+        for (int64_t c0 = kChunk; c0 < classes; c0 += kChunk) {
+          p.merge(chunk_stats<T>(xr + c0, std::min(kChunk, classes - c0), make_terms(row, c0, r)));
+        }
+        finish(row, p, r);
       }
-      auto line = make_line(row, c0);
-      for_each_aligned_line(align + off, n, [&](int64_t i, int64_t cnt) {
-        prefetch(x + off + i);
-        V v[kVecsPerLine<T>];
-        load_line_n(x + off + i, v, cnt);
-        line(i, v, cnt);
-        if (out) store_or_stream(out + off + i, v, cnt);
-      });
+      // Prefetch the next row while this one's gradient is written (not past the input's end).
+      const int64_t ahead = row + 1 < rows ? classes : kPrefetchBytes / int64_t(sizeof(T));
+      for (int64_t c0 = 0; c0 < classes; c0 += kChunk) {
+        grad_chunk(x, out, out, row, classes, c0, skipped, make_line, ahead);
+      }
     }
     stream_fence();
   });

@@ -1,0 +1,132 @@
+"""The gradient written during the forward (one read of the logits, one write of the
+gradient): torch's values, and torch's autograd semantics when a graph is used more than
+once or its gradient is kept."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_loss
+from helpers import assert_close_to_torch
+
+OPTIONS = [dict(), dict(label_smoothing=0.1), dict(weight=True), dict(weight=True, label_smoothing=0.2, ignore_index=1),
+           dict(ignore_index=0)]
+
+
+def _case(rows, classes, dtype, opts, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, classes, generator=g, dtype=torch.float64) * 3).to(dtype)
+    t = torch.randint(0, classes, (rows,), generator=g)
+    kw = dict(opts)
+    if kw.pop("weight", False):
+        kw["weight"] = (torch.rand(classes, generator=g, dtype=torch.float64) + 0.1).to(dtype)
+    if "ignore_index" in kw:
+        t[::3] = kw["ignore_index"]
+    return x, t, kw
+
+
+def _grad(fn, x, t, kw, reduction):
+    x = x.clone().requires_grad_()
+    fn(x, t, reduction=reduction, **kw).backward()  # upstream gradient exactly 1
+    return x.grad
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+@pytest.mark.parametrize("shape", [(64, 1000), (3, 70001), (40, 33000), (1, 1), (9, 7)], ids=str)
+def test_backward_of_one_matches_torch(shape, opts, reduction):
+    _check(*shape, torch.float32, opts, reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_backward_of_one_in_other_dtypes(dtype):
+    _check(64, 1000, dtype, dict(label_smoothing=0.1, weight=True), "mean")
+
+
+def _check(rows, classes, dtype, opts, reduction):
+    """tests/helpers.py's rule: torch's tolerance in float32/64, and for 16-bit types an error
+    against float64 at most twice torch's own."""
+    x, t, kw = _case(rows, classes, dtype, opts)
+    ours, theirs = _grad(fused_loss.cross_entropy, x, t, kw, reduction), _grad(F.cross_entropy, x, t, kw, reduction)
+    ref = _grad(F.cross_entropy, x.double(), t, {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()},
+                reduction)
+    assert_close_to_torch(ours, theirs, ref, "gradient")
+
+
+def test_the_forward_writes_the_gradient_only_when_it_is_needed():
+    x, t = torch.randn(16, 50), torch.randint(0, 50, (16,))
+    ops = torch.ops.fused_loss
+    assert ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, True)[2].shape == x.shape
+    assert ops.cross_entropy_forward(x, t, None, 0, -100, 0.0, True)[2].numel() == 0  # 'none' recomputes
+    assert ops.cross_entropy_forward(x.view(16, 50, 1), t.view(16, 1), None, 1, -100, 0.0, True)[2].numel() == 0
+    # the public function asks for it only when the input needs a gradient
+    loss = fused_loss.cross_entropy(x, t)
+    assert loss.grad_fn is None
+    with torch.no_grad():
+        assert fused_loss.cross_entropy(x.requires_grad_(), t).grad_fn is None
+
+
+def test_retained_graph_and_repeated_grad_calls():
+    x, t, kw = _case(32, 500, torch.float32, dict(label_smoothing=0.1))
+    expected = _grad(F.cross_entropy, x, t, kw, "mean")
+    xx = x.clone().requires_grad_()
+    loss = fused_loss.cross_entropy(xx, t, **kw)
+    (g1,) = torch.autograd.grad(loss, xx, retain_graph=True)
+    g1.mul_(100)  # a user scribbling on the first result must not change the second
+    (g2,) = torch.autograd.grad(loss, xx, retain_graph=True)
+    torch.testing.assert_close(g2, expected)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(xx.grad, 2 * expected)
+
+
+def test_two_losses_on_the_same_logits_and_scaled_losses():
+    x, t, kw = _case(32, 500, torch.float32, dict(weight=True))
+    for combine in [lambda f, x: f(x, t, **kw) + f(x, t, reduction="sum", **kw),
+                    lambda f, x: 0.5 * f(x, t, **kw),
+                    lambda f, x: f(x, t, **kw) * f(x.detach(), t, **kw)]:
+        grads = []
+        for f in (fused_loss.cross_entropy, F.cross_entropy):
+            xx = x.clone().requires_grad_()
+            combine(f, xx).backward()
+            grads.append(xx.grad)
+        torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_gradient_accumulates_over_steps():
+    x, t, kw = _case(32, 500, torch.float32, {})
+    xx = x.clone().requires_grad_()
+    for _ in range(3):
+        fused_loss.cross_entropy(xx, t).backward()
+    torch.testing.assert_close(xx.grad, 3 * _grad(F.cross_entropy, x, t, kw, "mean"))
+
+
+def test_a_kept_gradient_is_not_overwritten_by_the_next_forward():
+    x, t, _ = _case(64, 20000, torch.float32, {})  # 5 MB: the gradient comes from the buffer cache
+    xx = x.clone().requires_grad_()
+    fused_loss.cross_entropy(xx, t).backward()
+    kept = xx.grad
+    before = kept.clone()
+    xx.grad = None
+    y = (x * 2).requires_grad_()
+    fused_loss.cross_entropy(y, t).backward()
+    assert torch.equal(kept, before)
+    assert kept.data_ptr() != y.grad.data_ptr()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_in_pass_bits_equal_the_backward_recomputation(threads):
+    """Same bits from the in-pass path (many rows), its split form (few rows) and the backward
+    op, for 1 and 2 threads."""
+    x, t, kw = _case(64, 3000, torch.float32, dict(label_smoothing=0.1, weight=True))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ops = torch.ops.fused_loss
+        _, stats, in_pass = ops.cross_entropy_forward(x, t, kw["weight"], 1, -100, 0.1, True)
+        recomputed = ops.cross_entropy_backward(torch.ones(()), x, t, kw["weight"], stats, 1, -100, 0.1)
+        assert torch.equal(in_pass, recomputed)
+        _, _, few = ops.cross_entropy_forward(x[:3], t[:3], kw["weight"], 2, -100, 0.1, True)
+        _, _, many = ops.cross_entropy_forward(x, t, kw["weight"], 2, -100, 0.1, True)
+        assert torch.equal(few, many[:3])
+    finally:
+        torch.set_num_threads(before)
