@@ -220,7 +220,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
                                                        in_pass ? dx.data_ptr<scalar_t>() : nullptr,
                                                        A(1.0 / denominator));
     });
-    if (g.classes == 0 && p.smooth) rows.fill_(std::numeric_limits<double>::quiet_NaN());
   });
   at::Tensor loss = reduce_loss(rows, red, denominator, target.sizes(), input);
   // No classes: torch's smoothing term is (its sum) * (eps / 0), NaN in every row, ignored or
