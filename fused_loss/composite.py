@@ -69,8 +69,6 @@ def vjp(loss_fn, tensors, needs, grad_loss):
 def needs_composite(*tensors) -> bool:
     """True under a torch.func transform or when a tensor carries a forward-mode tangent:
     there the fused ops' autograd formulas do not apply, and the composition must be used."""
-    if torch.compiler.is_compiling():
-        return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return True
     if torch.autograd.forward_ad._current_level >= 0:

@@ -75,7 +75,7 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
             raise RuntimeError("fused_loss.cross_entropy: expected scalar type Long but found Byte (as torch, uint8 "
                                "targets are taken for (N, C) input, and with weights and label smoothing only "
                                "without reduction='mean')")
-        if weight is not None and input.dim() > 2 and weight.dim() > 1 and weight.numel() == input.shape[1] \
+        if weight is not None and input.dim() > 2 and weight.dim() != 1 and weight.numel() == input.shape[1] \
                 and not (label_smoothing > 0 and red == REDUCTIONS["mean"]):
             weight = weight.reshape(-1)  # torch's K-dim path takes any weight of C elements (but its gather)
         # The gradient is written in the forward's pass when it will be needed (see README);
@@ -184,8 +184,12 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: fl
     red = reduction_enum(reduction)
     if weight is not None and weight.size() != input.size():  # before broadcasting, as torch
         raise ValueError("Weights and input must have the same size.")
-    # torch computes in the promoted dtype and returns the input's.
+    # torch computes in the promoted dtype and returns the input's (promoted with the weight's,
+    # which multiplies the result).
     dtype, out_dtype = torch.promote_types(input.dtype, target.dtype), input.dtype
+    if weight is not None and weight.dtype.is_floating_point:
+        out_dtype = torch.promote_types(out_dtype, weight.dtype)
+        dtype = torch.promote_types(dtype, weight.dtype)
     if not input.dtype.is_floating_point:
         raise RuntimeError(f"result type {dtype} can't be cast to the desired output type {input.dtype}")
     input, target = _broadcast_like_torch(input.to(dtype), target.to(dtype))  # promoted first, as smooth L1

@@ -22,6 +22,9 @@ def set_cpu_cache_limits(max_bytes: Optional[int] = None, max_blocks: Optional[i
     """Bounds the unused buffers the cache keeps (0 turns it off); None keeps a limit as is.
     Defaults: 2 blocks and 1 GiB (or an eighth of the machine's memory, if less), or the
     environment's FUSED_LOSS_CPU_CACHE_BLOCKS / FUSED_LOSS_CPU_CACHE_BYTES."""
+    for name, value in (("max_bytes", max_bytes), ("max_blocks", max_blocks)):
+        if value is not None and int(value) < 0:
+            raise ValueError(f"fused_loss.set_cpu_cache_limits: {name} must be >= 0, got {value}")
     info = cpu_cache_info()
     torch.ops.fused_loss.set_cpu_cache_limits(info.max_bytes if max_bytes is None else int(max_bytes),
                                               info.max_blocks if max_blocks is None else int(max_blocks))

@@ -56,13 +56,15 @@ def _grad_of_grads(loss_fn, grad_loss, primals, wrt, cotangents, create_graph):
     """Backward of a backward op: the first derivatives of loss_fn(*primals) under the
     upstream gradient grad_loss, differentiated against `cotangents` with respect to
     grad_loss and the primals. wrt[i] says whether primal i has a first derivative (an
-    output of the backward op). Returns the gradients of (grad_loss, *primals)."""
+    output of the backward op); cotangents[i] is its incoming gradient (None if none), one per
+    primal. Returns the gradients of (grad_loss, *primals)."""
     with torch.enable_grad():
         gl = composite.tracked(grad_loss)
         ps = [composite.tracked(p) if p is not None and p.is_floating_point() else p for p in primals]
         firsts_wrt = [p for p, w in zip(ps, wrt) if w]
         firsts = torch.autograd.grad(loss_fn(*ps), firsts_wrt, gl, create_graph=True, allow_unused=True)
-        pairs = [(f, c) for f, c in zip(firsts, cotangents) if f is not None and c is not None]
+        cots_wrt = [c for c, w in zip(cotangents, wrt) if w]  # aligned with firsts
+        pairs = [(f, c) for f, c in zip(firsts, cots_wrt) if f is not None and c is not None]
         inputs = [gl] + [p for p in ps if p is not None and p.requires_grad]
         if not pairs:
             grads = [None] * len(inputs)
@@ -159,7 +161,7 @@ def _ce_grad_backward(ctx, grad_dx):
         raise NotImplementedError("fused_loss.cross_entropy: the derivative for 'weight' is not implemented "
                                   "for class-index targets (as in torch)")
     gl, gx, _ = _grad_of_grads(lambda x, t: composite.cross_entropy_forward(x, t, weight, *ctx.args), grad_loss,
-                               [input, target], [True, False], [grad_dx], torch.is_grad_enabled())
+                               [input, target], [True, False], [grad_dx, None], torch.is_grad_enabled())
     return gl, gx, None, None, None, None, None, None
 
 

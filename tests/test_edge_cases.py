@@ -248,3 +248,18 @@ def test_focal_gamma_zero_at_infinite_logits(x):
         grads.append(torch.autograd.grad(fn(xs, ys, gamma=0.0, alpha=0.25, reduction="sum"), xs)[0])
     torch.testing.assert_close(grads[0], grads[1])
     assert torch.isfinite(grads[0]).all()
+
+
+@pytest.mark.parametrize("xd,wd", [(torch.bfloat16, torch.float32), (torch.float32, torch.float64)])
+def test_huber_weight_promotes_the_result_as_torch(xd, wd):
+    x, y, w = torch.randn(4, 3).to(xd), torch.randn(4, 3).to(xd), torch.rand(4, 3).to(wd)
+    ours, theirs = fused_loss.huber_loss(x, y, weight=w), F.huber_loss(x, y, weight=w)
+    assert ours.dtype == theirs.dtype
+    # torch rounds the unweighted loss to the input's dtype first; ours computes in the promoted one
+    ref = F.huber_loss(x.double(), y.double(), weight=w.double())
+    assert abs(ours.double() - ref) <= abs(theirs.double() - ref) + 1e-6
+
+
+def test_kdim_scalar_weight_of_one_class():
+    x, t, w = torch.randn(2, 1, 3), torch.zeros(2, 3, dtype=torch.long), torch.tensor(0.7)
+    _same(fused_loss.cross_entropy(x, t, w), F.cross_entropy(x, t, w))

@@ -68,3 +68,12 @@ def test_limits_from_the_environment():
     env = dict(os.environ, FUSED_LOSS_CPU_CACHE_BYTES=str(5 * MiB), FUSED_LOSS_CPU_CACHE_BLOCKS="3")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str((0, 0, 3, 5 * MiB))
+
+
+def test_bad_limits_are_refused():
+    with pytest.raises(ValueError, match="max_bytes must be >= 0"):
+        fused_loss.set_cpu_cache_limits(max_bytes=-1)
+    code = "import fused_loss; print(fused_loss.cpu_cache_info().max_blocks)"
+    env = dict(os.environ, FUSED_LOSS_CPU_CACHE_BLOCKS="1e9")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "2" and "not a non-negative integer" in out.stderr

@@ -48,3 +48,34 @@ def test_float32_error_does_not_grow_with_the_logit_offset(path, offset):
     eps = torch.finfo(torch.float32).eps
     assert ours_grad_err <= 2 * torch_grad_err + eps, (ours_grad_err, torch_grad_err)
     assert ours_loss_err <= 2 * torch_loss_err + eps, (ours_loss_err, torch_loss_err)
+
+
+def _masked_cases():
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(64, 4000, generator=gen)
+    x[:, 0] = -1e9  # a masked class beside logits near 0
+    y = torch.randint(1, 4000, (64,), generator=gen)
+    tp = torch.softmax(torch.randn(64, 4000, generator=gen), 1)
+    confident = torch.randn(64, 1000, generator=gen) * 3
+    yc = torch.randint(0, 1000, (64,), generator=gen)
+    confident[torch.arange(64), yc] += 40
+    soft = torch.nn.functional.one_hot(yc, 1000) * (1 - 1e-4) + 1e-4 / 1000
+    kd = lambda a: a.view(8, 8, -1).transpose(1, 2).contiguous()  # noqa: E731
+    return {
+        "smooth_row": (x, y, dict(label_smoothing=0.1)),
+        "smooth_kdim": (kd(x), y.view(8, 8), dict(label_smoothing=0.1)),
+        "prob_row": (x, tp, {}),
+        "prob_kdim": (kd(x), kd(tp), {}),
+        "prob_confident": (confident, soft.float(), {}),
+    }
+
+
+@pytest.mark.parametrize("name", list(_masked_cases()))
+def test_loss_value_does_not_cancel_with_a_far_logit(name):
+    """Linear sums kept relative to each block's max and compensated: no cancellation against a
+    masked logit (-1e9) or a confident one (+40), whichever column holds it."""
+    x, t, kw = _masked_cases()[name]
+    ref = F.cross_entropy(x.double(), t.double() if t.is_floating_point() else t, **kw).item()
+    err_torch = abs(F.cross_entropy(x, t, **kw).item() - ref) / abs(ref)
+    err_ours = abs(fused_loss.cross_entropy(x, t, **kw).item() - ref) / abs(ref)
+    assert err_ours <= 2 * err_torch + torch.finfo(torch.float32).eps, (err_ours, err_torch)

@@ -35,9 +35,18 @@ constexpr int64_t kDefaultMaxBlocks = 2;
 
 size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
 
+// A non-negative integer from the environment; anything else ("1e9", "1G", "-1") is refused
+// with a warning rather than read as something else.
 int64_t env_or(const char* name, int64_t fallback) {
   const char* env = std::getenv(name);
-  return env ? std::max<int64_t>(0, std::atoll(env)) : fallback;
+  if (!env || !*env) return fallback;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  if (*end != '\0' || v < 0) {
+    TORCH_WARN("fused_loss: ", name, "=", env, " is not a non-negative integer; using ", fallback);
+    return fallback;
+  }
+  return v;
 }
 
 // Default byte cap: 1 GiB, or an eighth of the machine's memory where that is less.

@@ -151,6 +151,21 @@ inline A reduce_sum(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>([](Vectorized<A>& a, Vectorized<A>& b) { return a + b; }, v);
 }
 
+// A compensated (Kahan) running sum per lane: a sum whose terms span many orders of
+// magnitude (a masked logit of -1e9 beside logits near 0) keeps the small terms' digits.
+// A non-finite term leaves no NaN in the compensation.
+template <typename A>
+struct CompensatedSum {
+  Vectorized<A> sum{0}, comp{0};
+  void add(const Vectorized<A>& v) {
+    const Vectorized<A> y = v - comp, t = sum + y;
+    const Vectorized<A> c = (t - sum) - y;
+    comp = Vectorized<A>::blendv(c, Vectorized<A>(0), c != c);
+    sum = t;
+  }
+  A total() const { return reduce_sum(sum - comp); }
+};
+
 // First n lanes of v, the others `fill`.
 template <typename A>
 inline Vectorized<A> keep_first(const Vectorized<A>& v, int64_t n, A fill) {

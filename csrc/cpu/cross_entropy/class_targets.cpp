@@ -85,7 +85,7 @@ void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>
       if (skip(row)) {
         loss[row] = A(0);  // its stats stay 0
       } else {
-        finish_row(row, pt.m, pt.s, r, pt.t1, static_cast<A>(x[row * g.classes + y[row]]), y[row]);
+        finish_row(row, pt.m, pt.s, r, pt.lin, static_cast<A>(x[row * g.classes + y[row]]), y[row]);
       }
     };
     auto run = [&](auto make_terms) {
@@ -97,21 +97,22 @@ void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>
       }
     };
     if constexpr (S == Smooth::kNone) {
-      run([](int64_t, int64_t, A) { return NoTerms<T>{}; });
+      run([](int64_t, int64_t) { return NoTerms<T>{}; });
     } else {
-      run([&](int64_t, int64_t c0, A r) { return SmoothingTerms<T, S == Smooth::kWeighted>{wp ? wp + c0 : nullptr, r}; });
+      run([&](int64_t, int64_t c0) { return SmoothingTerms<T, S == Smooth::kWeighted>{wp ? wp + c0 : nullptr}; });
     }
     return;
   }
   for_each_column_tile<T>(g, [&](int64_t n, int64_t j0, int64_t nl) {
     const T* xb = x + n * g.classes * g.inner + j0;
-    V vmax, vsum, r, vx(0);
+    V vmax, vsum, r;
+    CompensatedSum<A> vx;
     column_stats<T>(xb, g, nl, vmax, vsum, r, [&](int64_t c, const V& v, const V& rr) {
-      if constexpr (S == Smooth::kUniform) vx += v - rr;
-      if constexpr (S == Smooth::kWeighted) vx += (v - rr) * V(wp[c]);
+      if constexpr (S == Smooth::kUniform) vx.add(v - rr);
+      if constexpr (S == Smooth::kWeighted) vx.add((v - rr) * V(wp[c]));
     });
     __at_align__ A am[kLanes<T>], as[kLanes<T>], ar[kLanes<T>], ax[kLanes<T>];
-    vmax.store(am), vsum.store(as), r.store(ar), vx.store(ax);
+    vmax.store(am), vsum.store(as), r.store(ar), (vx.sum - vx.comp).store(ax);
     for (int64_t j = 0; j < nl; ++j) {
       const int64_t row = n * g.inner + j0 + j;
       if (y[row] == ignore_index) {

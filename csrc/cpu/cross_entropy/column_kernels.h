@@ -21,7 +21,8 @@ void for_each_column_tile(const Geometry& g, Body body) {
 }
 
 // Per-lane max and, with the max known, sum of exp and the extra sums; `terms(c, v, r)`
-// adds class c's contribution. Returns lane arrays through the callbacks' captures.
+// adds class c's contribution, relative to r, the lane's max where finite (see Partial).
+// Returns lane arrays through the callbacks' captures.
 template <typename T, typename Terms>
 void column_stats(const T* xb, const Geometry& g, int64_t nl, AccVec<T>& vmax, AccVec<T>& vsum, AccVec<T>& r,
                   Terms terms) {
@@ -30,8 +31,7 @@ void column_stats(const T* xb, const Geometry& g, int64_t nl, AccVec<T>& vmax, A
   vmax = V(kNegInf<A>);
   for (int64_t c = 0; c < g.classes; ++c) vmax = at::vec::maximum(vmax, load_vec(xb + c * g.inner, nl));
   const V shift = V::blendv(vmax, V(0), vmax == V(kNegInf<A>));
-  const V x0 = g.classes > 0 ? load_vec(xb, nl) : V(0);
-  r = V::blendv(V(0), x0, (x0 - x0) == V(0));  // finite lanes keep x0 (inf - inf and NaN are NaN)
+  r = V::blendv(V(0), vmax, (vmax - vmax) == V(0));  // finite lanes keep their max (inf - inf and NaN are NaN)
   vsum = V(0);
   for (int64_t c = 0; c < g.classes; ++c) {
     const V v = load_vec(xb + c * g.inner, nl);

@@ -163,9 +163,9 @@ inline at::Tensor new_row_stats(int64_t parts, int64_t rows, const at::Tensor& i
   return at::zeros({parts, rows}, input.options().dtype(at::toOpMathType(input.scalar_type())));
 }
 
-// Shift for the one-pass class sums: the row's first logit when finite, else 0.
+// The shift of a row's (or a part's) linear sums: its max when finite, else 0.
 template <typename A>
-A row_shift(A x0) { return std::isfinite(x0) ? x0 : A(0); }
+A shift_of(A m) { return std::isfinite(m) ? m : A(0); }
 
 // ---------------------------------------------------------------------------------
 // Entry-point helpers

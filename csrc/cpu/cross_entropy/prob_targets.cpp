@@ -29,24 +29,25 @@ void prob_forward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, c
   if (g.inner == 1) {
     row_stats<T>(
         x, g.outer, g.classes,
-        [&](int64_t row, int64_t c0, A r) {
-          return ProbTerms<T, kWeighted>{wp ? wp + c0 : nullptr, t + row * g.classes + c0, r, ome, p.eps_over_c};
+        [&](int64_t row, int64_t c0) {
+          return ProbTerms<T, kWeighted>{wp ? wp + c0 : nullptr, t + row * g.classes + c0, ome, p.eps_over_c};
         },
         [](int64_t) { return false; },
-        [&](int64_t row, const Partial<A>& pt, A r) { finish_row(row, pt.m, pt.s, r, pt.t1, pt.t2); });
+        [&](int64_t row, const Partial<A>& pt, A r) { finish_row(row, pt.m, pt.s, r, pt.mass, pt.lin); });
     return;
   }
   for_each_column_tile<T>(g, [&](int64_t n, int64_t j0, int64_t nl) {
     const int64_t off = n * g.classes * g.inner + j0;
-    V vmax, vsum, r, vswt(0), vswtx(0);
+    V vmax, vsum, r, vswt(0);
+    CompensatedSum<A> vswtx;
     column_stats<T>(x + off, g, nl, vmax, vsum, r, [&](int64_t c, const V& v, const V& rr) {
       V wt = ce_smoothed_target(load_vec(t + off + c * g.inner, nl), V(ome), V(p.eps_over_c));
       if constexpr (kWeighted) wt = wt * V(wp[c]);
       vswt += wt;
-      vswtx += wt * (v - rr);
+      vswtx.add(wt * (v - rr));
     });
     __at_align__ A am[kLanes<T>], as[kLanes<T>], ar[kLanes<T>], a1[kLanes<T>], a2[kLanes<T>];
-    vmax.store(am), vsum.store(as), r.store(ar), vswt.store(a1), vswtx.store(a2);
+    vmax.store(am), vsum.store(as), r.store(ar), vswt.store(a1), (vswtx.sum - vswtx.comp).store(a2);
     for (int64_t j = 0; j < nl; ++j) finish_row(n * g.inner + j0 + j, am[j], as[j], ar[j], a1[j], a2[j]);
   });
 }

@@ -49,55 +49,74 @@ inline void store_or_stream(T* p, const AccVec<T>* v, int64_t cnt) {
   if (cnt == kLine<T>) stream_line(p, v); else store_line(p, v, cnt);
 }
 
-// Statistics of one chunk of a row: max, sum of exp(x - max), and up to two extra sums
-// that the target kind (`Terms`) gathers in the same pass.
+// Statistics of part of a row: its max m, the sum s of exp(x - m), and what the target kind
+// (`Terms`) gathers beside them: a linear sum `lin` = sum_c u_c (x_c - shift_of(m)) of weights
+// u_c whose total is `mass` (label smoothing: the class weights; probability targets: the
+// weighted smoothed targets). Sums are kept relative to the part's own max, never to a logit
+// that may be far from it (a first logit of -1e9 would cancel every digit of the others), and
+// are moved to the merged max exactly when parts merge: (shift_a - shift) * mass_a.
 template <typename A>
 struct Partial {
   A m = kNegInf<A>;
   A s = A(0);
-  A t1 = A(0);
-  A t2 = A(0);
+  A lin = A(0);
+  A mass = A(0);
 
   void merge(const Partial& o) {
+    const A ref_a = shift_of(m), ref_b = shift_of(o.m);
     merge_max_sumexp(m, s, o.m, o.s, exp_scalar<A>);
-    t1 += o.t1;
-    t2 += o.t2;
+    const A ref = shift_of(m);
+    lin = (lin + (ref_a - ref) * mass) + (o.lin + (ref_b - ref) * o.mass);
+    mass += o.mass;
   }
 };
 
-// Extra sums for class-index targets with label smoothing: t1 = sum_c w_c (x_c - r).
+// Extra sums for class-index targets with label smoothing: lin = sum_c w_c (x_c - shift),
+// mass = sum_c w_c (w = 1 without weights).
 template <typename T, bool kWeighted>
 struct SmoothingTerms {
   using A = acc_t<T>;
   using V = AccVec<T>;
   const A* w;  // class weights at the chunk's first class
-  A r;
-  V acc{0};
+  CompensatedSum<A> acc;
+  V wacc{0};
 
-  // v: the logits of the line at `offset`, cnt of them valid.
-  void add(const V* v, int64_t offset, int64_t cnt) {
+  // v: the logits of the line at `offset`, cnt of them valid; shift: the block's.
+  void add(const V* v, int64_t offset, int64_t cnt, const V& shift) {
     for (int k = 0; k < kVecsPerLine<T>; ++k) {
       const int64_t n = lanes_in<T>(cnt, k);
       if (n == 0) break;
-      V d = v[k] - V(r);
-      if constexpr (kWeighted) d = d * (n == kLanes<T> ? V::loadu(w + offset + k * kLanes<T>) : V::loadu(w + offset + k * kLanes<T>, n));
-      acc += keep_first(d, n, A(0));
+      V d = v[k] - shift;
+      if constexpr (kWeighted) {
+        const V wv = n == kLanes<T> ? V::loadu(w + offset + k * kLanes<T>) : V::loadu(w + offset + k * kLanes<T>, n);
+        d = d * wv;
+        wacc += wv;  // loadu(p, n) zero-fills the other lanes
+      } else {
+        wacc += keep_first(V(1), n, A(0));
+      }
+      acc.add(keep_first(d, n, A(0)));
     }
   }
-  void finish(Partial<A>& p) const { p.t1 = reduce_sum(acc); }
+  // The block's sums into its partial, then start the next block.
+  void flush(Partial<A>& p) {
+    p.lin = acc.total();
+    p.mass = reduce_sum(wacc);
+    acc = {}, wacc = V(0);
+  }
 };
 
-// Extra sums for probability targets: t1 = sum_c w_c t'_c, t2 = sum_c w_c t'_c (x_c - r).
+// Extra sums for probability targets: mass = sum_c w_c t'_c, lin = sum_c w_c t'_c (x_c - shift).
 template <typename T, bool kWeighted>
 struct ProbTerms {
   using A = acc_t<T>;
   using V = AccVec<T>;
   const A* w;
   const T* t;  // targets at the chunk's first class
-  A r, one_minus_eps, eps_over_c;
-  V swt{0}, swtx{0};
+  A one_minus_eps, eps_over_c;
+  V swt{0};
+  CompensatedSum<A> swtx;
 
-  void add(const V* v, int64_t offset, int64_t cnt) {
+  void add(const V* v, int64_t offset, int64_t cnt, const V& shift) {
     V tv[kVecsPerLine<T>];
     load_line_n(t + offset, tv, cnt);
     for (int k = 0; k < kVecsPerLine<T>; ++k) {
@@ -107,20 +126,21 @@ struct ProbTerms {
       if constexpr (kWeighted) wt = wt * (n == kLanes<T> ? V::loadu(w + offset + k * kLanes<T>) : V::loadu(w + offset + k * kLanes<T>, n));
       wt = keep_first(wt, n, A(0));
       swt += wt;
-      swtx += keep_first(wt * (v[k] - V(r)), n, A(0));
+      swtx.add(keep_first(wt * (v[k] - shift), n, A(0)));
     }
   }
-  void finish(Partial<A>& p) const {
-    p.t1 = reduce_sum(swt);
-    p.t2 = reduce_sum(swtx);
+  void flush(Partial<A>& p) {
+    p.mass = reduce_sum(swt);
+    p.lin = swtx.total();
+    swt = V(0), swtx = {};
   }
 };
 
 // No extra sums (class-index targets without smoothing).
 template <typename T>
 struct NoTerms {
-  void add(const AccVec<T>*, int64_t, int64_t) {}
-  void finish(Partial<acc_t<T>>&) const {}
+  void add(const AccVec<T>*, int64_t, int64_t, const AccVec<T>&) {}
+  void flush(Partial<acc_t<T>>&) {}
 };
 
 // Accumulators per reduction: independent chains hide the latency of max and add.
@@ -158,6 +178,7 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms) {
     });
     const A mb = reduce_max(at::vec::maximum(at::vec::maximum(acc[0], acc[1]), at::vec::maximum(acc[2], acc[3])));
     const V shift(mb == kNegInf<A> ? A(0) : mb);  // an all -inf block adds exp(-inf) = 0
+    const V tshift(shift_of(mb));                  // the shift of the linear sums (see Partial)
     for (auto& a : acc) a = V(0);
     for (int64_t i = 0; i < full; i += kAcc * kLine<T>) {
       for (int u = 0; u < kAcc; ++u) {
@@ -168,7 +189,7 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms) {
         V v[NV];
         load_line(xb + off, v);
         for (int k = 0; k < NV; ++k) acc[u] += (v[k] - shift).exp_u20();
-        terms.add(v, b + off, kLine<T>);
+        terms.add(v, b + off, kLine<T>, tshift);
       }
     }
     for_each_line<T>(len - full, [&](int64_t i, int64_t cnt) {
@@ -178,14 +199,14 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms) {
         const int64_t nk = lanes_in<T>(cnt, k);
         if (nk > 0) acc[0] += keep_first((v[k] - shift).exp_u20(), nk, A(0));
       }
-      terms.add(v, b + full + i, cnt);
+      terms.add(v, b + full + i, cnt, tshift);
     });
     Partial<A> blk;
     blk.m = mb;
     blk.s = reduce_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    terms.flush(blk);
     part.merge(blk);
   }
-  terms.finish(part);
   return part;
 }
 
@@ -200,9 +221,7 @@ void row_stats(const T* x, int64_t rows, int64_t classes, MakeTerms make_terms, 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / nchunks, c0 = (task % nchunks) * kChunk;
       if (skip(row) || c0 >= classes) continue;
-      const T* xr = x + row * classes;
-      const A r = row_shift(static_cast<A>(xr[0]));
-      parts[task] = chunk_stats<T>(xr + c0, std::min(kChunk, classes - c0), make_terms(row, c0, r));
+      parts[task] = chunk_stats<T>(x + row * classes + c0, std::min(kChunk, classes - c0), make_terms(row, c0));
     }
   });
   at::parallel_for(0, rows, grain_for(nchunks * 8), [&](int64_t begin, int64_t end) {
@@ -213,7 +232,7 @@ void row_stats(const T* x, int64_t rows, int64_t classes, MakeTerms make_terms, 
       }
       Partial<A> p = parts[row * nchunks];
       for (int64_t k = 1; k < nchunks; ++k) p.merge(parts[row * nchunks + k]);
-      finish(row, p, classes > 0 ? row_shift(static_cast<A>(x[row * classes])) : A(0));
+      finish(row, p, shift_of(p.m));
     }
   });
 }
@@ -282,12 +301,11 @@ void row_stats_and_grad(const T* x, T* out, int64_t rows, int64_t classes, MakeT
         finish(row, Partial<A>{}, A(0));
       } else {
         const T* xr = x + row * classes;
-        const A r = row_shift(static_cast<A>(xr[0]));
-        Partial<A> p = chunk_stats<T>(xr, std::min(kChunk, classes), make_terms(row, 0, r));
+        Partial<A> p = chunk_stats<T>(xr, std::min(kChunk, classes), make_terms(row, 0));
         for (int64_t c0 = kChunk; c0 < classes; c0 += kChunk) {
-          p.merge(chunk_stats<T>(xr + c0, std::min(kChunk, classes - c0), make_terms(row, c0, r)));
+          p.merge(chunk_stats<T>(xr + c0, std::min(kChunk, classes - c0), make_terms(row, c0)));
         }
-        finish(row, p, r);
+        finish(row, p, shift_of(p.m));
       }
       // Prefetch the next row while this one's gradient is written (not past the input's end).
       const int64_t ahead = row + 1 < rows ? classes : kPrefetchBytes / int64_t(sizeof(T));

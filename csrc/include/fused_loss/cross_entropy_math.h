@@ -6,8 +6,9 @@
 // and C classes, torch's cross-entropy is
 //   class index y:   (1-eps) w_y (lse - x_y) + eps/C * sum_c w_c (lse - x_c)
 //   probabilities t: sum_c w_c t'_c (lse - x_c),   t'_c = (1-eps) t_c + eps/C
-// The sums over c are gathered in one pass relative to a shift r (the row's first
-// logit when finite), which keeps them accurate when all logits share a large offset:
+// The sums over c are gathered in one pass relative to a shift r (the row's max when
+// finite; in the CPU row kernels, each block's max, moved to the row's when blocks merge),
+// which keeps them accurate whatever the logits' offset or spread:
 //   sum_c w_c (lse - x_c) = W (lse - r) - sum_c w_c (x_c - r).
 //
 // Precision. lse is never formed as one number: a float32 lse is rounded to the ulp of
