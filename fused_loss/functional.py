@@ -75,9 +75,12 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
             raise RuntimeError("fused_loss.cross_entropy: expected scalar type Long but found Byte (as torch, uint8 "
                                "targets are taken for (N, C) input, and with weights and label smoothing only "
                                "without reduction='mean')")
-        if weight is not None and input.dim() > 2 and weight.dim() != 1 and weight.numel() == input.shape[1] \
-                and not (label_smoothing > 0 and red == REDUCTIONS["mean"]):
-            weight = weight.reshape(-1)  # torch's K-dim path takes any weight of C elements (but its gather)
+        if weight is not None and input.dim() > 2 and weight.dim() != 1 and weight.numel() == input.shape[1]:
+            # torch's K-dim path takes any weight of C elements, except where it gathers weights
+            # for a smoothed mean (of targets that are not all ignored)
+            gathers = label_smoothing > 0 and red == REDUCTIONS["mean"] and bool((target != ignore_index).any())
+            if not gathers:
+                weight = weight.reshape(-1)
         # The gradient is written in the forward's pass when it will be needed (see README);
         # under torch.compile the backward recomputes it (no host read of the upstream gradient).
         compute_grad = input.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
