@@ -45,13 +45,14 @@ struct ClassRowGrad {
   // make_line for grad_chunk: reads the row's stats, so call it after they are final.
   auto operator()(int64_t row, int64_t c0) const {
     const auto cf = coefs(row);
-    const V vm(stats.max()[row]), vls(stats.log_sum()[row]), va(cf.a), vb(cf.b);
+    // p_c = exp(x_c - max) / sum: the division folded into the coefficient (see softmax_scale)
+    const V vm(stats.max()[row]), va(cf.a * softmax_scale(stats.log_sum()[row])), vb(cf.b);
     const A* wc = wp ? wp + c0 : nullptr;
     const int64_t ty = y[row] - c0;  // target position within the chunk
     const A t_y = cf.t_y;
     return [=](int64_t i, V* v, int64_t cnt) {
       for (int k = 0; k < kVecsPerLine<T>; ++k) {
-        V o = ((v[k] - vm) - vls).exp_u20() * va;
+        V o = (v[k] - vm).exp_u20() * va;
         if constexpr (S == Smooth::kUniform) o = o - vb;
         if constexpr (S == Smooth::kWeighted) {
           const int64_t n = lanes_in<T>(cnt, k), c = i + k * kLanes<T>;
@@ -141,7 +142,7 @@ void class_backward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T
     // is 0 even where exp overflows). Targets are matched as integers, in class order:
     // (class, lane) pairs sorted by class, walked beside the class loop (a float compare
     // cannot tell classes apart above 2^24).
-    __at_align__ A a[kLanes<T>] = {}, b[kLanes<T>] = {}, ty[kLanes<T>] = {}, m[kLanes<T>] = {}, ls[kLanes<T>] = {},
+    __at_align__ A a[kLanes<T>] = {}, b[kLanes<T>] = {}, ty[kLanes<T>] = {}, m[kLanes<T>] = {},
                    zero[kLanes<T>];
     std::pair<int64_t, int64_t> targets[kLanes<T>];
     int64_t nt = 0;
@@ -151,19 +152,19 @@ void class_backward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T
       const int64_t row = n * g.inner + j0 + j;
       if (y[row] == ignore_index) continue;
       const auto cf = row_line.coefs(row);
-      a[j] = cf.a, b[j] = cf.b, ty[j] = cf.t_y, zero[j] = A(0);
-      m[j] = stats.max()[row], ls[j] = stats.log_sum()[row];
+      a[j] = cf.a * softmax_scale(stats.log_sum()[row]), b[j] = cf.b, ty[j] = cf.t_y, zero[j] = A(0);
+      m[j] = stats.max()[row];
       targets[nt++] = {y[row], j};
     }
     std::sort(targets, targets + nt);
-    const V va = V::loadu(a), vb = V::loadu(b), vm = V::loadu(m), vls = V::loadu(ls);
+    const V va = V::loadu(a), vb = V::loadu(b), vm = V::loadu(m);
     const V zeroed = V::loadu(zero) != V(0);
     const T* xb = x + n * g.classes * g.inner + j0;
     T* ob = dx + n * g.classes * g.inner + j0;
     int64_t next = 0;  // next target pair to apply
     for (int64_t c = 0; c < g.classes; ++c) {
       const V v = load_vec(xb + c * g.inner, nl);
-      V o = ((v - vm) - vls).exp_u20() * va;
+      V o = (v - vm).exp_u20() * va;
       if constexpr (S == Smooth::kUniform) o = o - vb;
       if constexpr (S == Smooth::kWeighted) o = o - vb * V(wp[c]);
       o = V::blendv(o, V(0), zeroed);

@@ -69,7 +69,7 @@ void prob_backward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, 
     // One pass writes both gradients: the input's through row_grad, the target's beside it.
     row_grad<T>(x, dx, dx ? dx : dt, g.outer, g.classes, [](int64_t) { return false; }, [&](int64_t row, int64_t c0) {
       const A gr = grad_of(row);
-      const A gs = std::isnan(ls[row]) ? ls[row] : gr * swt[row];  // see row_lse
+      const A gs = std::isnan(ls[row]) ? ls[row] : gr * swt[row] * softmax_scale(ls[row]);  // see row_lse
       const V vm(mx[row]), vls(ls[row]), vgs(gs), vg(gr), vgo(gr * ome), vome(ome), veps(p.eps_over_c);
       const A* wc = wp ? wp + c0 : nullptr;
       const T* tc = t + row * g.classes + c0;
@@ -84,7 +84,7 @@ void prob_backward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, 
             if (n > 0) wv = n == kLanes<T> ? V::loadu(wc + c) : V::loadu(wc + c, n);
           }
           if (dtc) gt[k] = vgo * wv * ((vm - v[k]) + vls);
-          if (dx) v[k] = ((v[k] - vm) - vls).exp_u20() * vgs - vg * ce_smoothed_target(tv[k], vome, veps) * wv;
+          if (dx) v[k] = (v[k] - vm).exp_u20() * vgs - vg * ce_smoothed_target(tv[k], vome, veps) * wv;
         }
         if (dtc) store_or_stream(dtc + i, gt, cnt);
       };
@@ -95,7 +95,7 @@ void prob_backward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, 
     __at_align__ A gl[kLanes<T>] = {}, gs[kLanes<T>] = {}, m[kLanes<T>] = {}, l[kLanes<T>] = {};
     for (int64_t j = 0; j < nl; ++j) {
       const int64_t row = n * g.inner + j0 + j;
-      gl[j] = grad_of(row), gs[j] = std::isnan(ls[row]) ? ls[row] : gl[j] * swt[row];
+      gl[j] = grad_of(row), gs[j] = std::isnan(ls[row]) ? ls[row] : gl[j] * swt[row] * softmax_scale(ls[row]);
       m[j] = mx[row], l[j] = ls[row];
     }
     const V vg = V::loadu(gl), vgs = V::loadu(gs), vm = V::loadu(m), vls = V::loadu(l), vgo = vg * V(ome);
@@ -106,7 +106,7 @@ void prob_backward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, 
       const V wv(wp ? wp[c] : A(1));
       if (dx) {
         const V wt = ce_smoothed_target(load_vec(t + off, nl), V(ome), V(p.eps_over_c)) * wv;
-        store_vec(dx + off, ((v - vm) - vls).exp_u20() * vgs - vg * wt, nl);
+        store_vec(dx + off, (v - vm).exp_u20() * vgs - vg * wt, nl);
       }
       if (dt) store_vec(dt + off, vgo * wv * ((vm - v) + vls), nl);
     }

@@ -246,8 +246,10 @@ void row_stats(const T* x, int64_t rows, int64_t classes, MakeTerms make_terms, 
 // `ahead` is how far ahead of each line (in elements) to prefetch: by default a little way
 // along the row; in the one-pass forward, the same place in the next row, which the next
 // statistics pass then finds in cache while this row's gradient is being written.
+// flatten: GCC otherwise stops inlining Vectorized::exp_u20 into this loop (a call per vector
+// costs a third of the pass).
 template <typename T, typename MakeLine>
-inline void grad_chunk(const T* x, T* out, const T* align, int64_t row, int64_t classes, int64_t c0, bool zero,
+__attribute__((flatten)) inline void grad_chunk(const T* x, T* out, const T* align, int64_t row, int64_t classes, int64_t c0, bool zero,
                        MakeLine& make_line, int64_t ahead = kPrefetchBytes / int64_t(sizeof(T))) {
   using V = AccVec<T>;
   const int64_t n = std::min(kChunk, classes - c0), off = row * classes + c0;
