@@ -163,7 +163,8 @@ struct CompensatedSum {
     comp = Vectorized<A>::blendv(c, Vectorized<A>(0), c != c);
     sum = t;
   }
-  A total() const { return reduce_sum(sum - comp); }
+  Vectorized<A> value() const { return sum - comp; }  // per lane
+  A total() const { return reduce_sum(value()); }
 };
 
 // First n lanes of v, the others `fill`.

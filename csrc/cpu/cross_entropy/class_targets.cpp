@@ -113,7 +113,7 @@ void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>
       if constexpr (S == Smooth::kWeighted) vx.add((v - rr) * V(wp[c]));
     });
     __at_align__ A am[kLanes<T>], as[kLanes<T>], ar[kLanes<T>], ax[kLanes<T>];
-    vmax.store(am), vsum.store(as), r.store(ar), (vx.sum - vx.comp).store(ax);
+    vmax.store(am), vsum.store(as), r.store(ar), vx.value().store(ax);
     for (int64_t j = 0; j < nl; ++j) {
       const int64_t row = n * g.inner + j0 + j;
       if (y[row] == ignore_index) {

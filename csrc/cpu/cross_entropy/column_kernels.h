@@ -30,12 +30,13 @@ void column_stats(const T* xb, const Geometry& g, int64_t nl, AccVec<T>& vmax, A
   using V = AccVec<T>;
   vmax = V(kNegInf<A>);
   for (int64_t c = 0; c < g.classes; ++c) vmax = at::vec::maximum(vmax, load_vec(xb + c * g.inner, nl));
-  const V shift = V::blendv(vmax, V(0), vmax == V(kNegInf<A>));
-  r = V::blendv(V(0), vmax, (vmax - vmax) == V(0));  // finite lanes keep their max (inf - inf and NaN are NaN)
+  // finite lanes shift by their max (inf - inf and NaN are NaN), the others by 0: one shift
+  // for the exp and the sums, as in the row kernels
+  r = V::blendv(V(0), vmax, (vmax - vmax) == V(0));
   vsum = V(0);
   for (int64_t c = 0; c < g.classes; ++c) {
     const V v = load_vec(xb + c * g.inner, nl);
-    vsum += (v - shift).exp_u20();
+    vsum += (v - r).exp_u20();
     terms(c, v, r);
   }
 }

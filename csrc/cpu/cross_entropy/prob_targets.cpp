@@ -47,7 +47,7 @@ void prob_forward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, c
       vswtx.add(wt * (v - rr));
     });
     __at_align__ A am[kLanes<T>], as[kLanes<T>], ar[kLanes<T>], a1[kLanes<T>], a2[kLanes<T>];
-    vmax.store(am), vsum.store(as), r.store(ar), vswt.store(a1), (vswtx.sum - vswtx.comp).store(a2);
+    vmax.store(am), vsum.store(as), r.store(ar), vswt.store(a1), vswtx.value().store(a2);
     for (int64_t j = 0; j < nl; ++j) finish_row(n * g.inner + j0 + j, am[j], as[j], ar[j], a1[j], a2[j]);
   });
 }

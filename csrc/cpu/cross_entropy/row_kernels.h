@@ -177,8 +177,9 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms) {
       }
     });
     const A mb = reduce_max(at::vec::maximum(at::vec::maximum(acc[0], acc[1]), at::vec::maximum(acc[2], acc[3])));
-    const V shift(mb == kNegInf<A> ? A(0) : mb);  // an all -inf block adds exp(-inf) = 0
-    const V tshift(shift_of(mb));                  // the shift of the linear sums (see Partial)
+    // One shift for the exp and the linear sums (see Partial): an all -inf block adds
+    // exp(-inf) = 0; a block whose max is +inf or NaN makes its row NaN (row_lse) anyway.
+    const V shift(shift_of(mb));
     for (auto& a : acc) a = V(0);
     for (int64_t i = 0; i < full; i += kAcc * kLine<T>) {
       for (int u = 0; u < kAcc; ++u) {
@@ -189,7 +190,7 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms) {
         V v[NV];
         load_line(xb + off, v);
         for (int k = 0; k < NV; ++k) acc[u] += (v[k] - shift).exp_u20();
-        terms.add(v, b + off, kLine<T>, tshift);
+        terms.add(v, b + off, kLine<T>, shift);
       }
     }
     for_each_line<T>(len - full, [&](int64_t i, int64_t cnt) {
@@ -199,7 +200,7 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms) {
         const int64_t nk = lanes_in<T>(cnt, k);
         if (nk > 0) acc[0] += keep_first((v[k] - shift).exp_u20(), nk, A(0));
       }
-      terms.add(v, b + full + i, cnt, tshift);
+      terms.add(v, b + full + i, cnt, shift);
     });
     Partial<A> blk;
     blk.m = mb;
