@@ -68,19 +68,20 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("fused_loss.cross_entropy: the loss is not differentiable with respect to argument "
                                "'weight' for class-index targets (as in torch); detach the weight")
-        if target.dtype == torch.uint8 and (input.dim() > 2 or (label_smoothing > 0 and weight is not None
-                                                                and red == REDUCTIONS["mean"]
-                                                                and bool((target != ignore_index).any()))):
-            # torch's paths for these (nll_loss2d; a gather of the weights for the mean) take int64 only
+        # torch gathers the weights of the targets for a smoothed, weighted mean (when not all
+        # are ignored); that gather takes int64 targets and 1-D weights only.
+        # (A function: it reads the targets, which only these rare cases need.)
+        def gathers():
+            return (weight is not None and label_smoothing > 0 and red == REDUCTIONS["mean"]
+                    and bool((target != ignore_index).any()))
+
+        if target.dtype == torch.uint8 and (input.dim() > 2 or gathers()):  # nll_loss2d takes int64 only too
             raise RuntimeError("fused_loss.cross_entropy: expected scalar type Long but found Byte (as torch, uint8 "
                                "targets are taken for (N, C) input, and with weights and label smoothing only "
                                "without reduction='mean')")
-        if weight is not None and input.dim() > 2 and weight.dim() != 1 and weight.numel() == input.shape[1]:
-            # torch's K-dim path takes any weight of C elements, except where it gathers weights
-            # for a smoothed mean (of targets that are not all ignored)
-            gathers = label_smoothing > 0 and red == REDUCTIONS["mean"] and bool((target != ignore_index).any())
-            if not gathers:
-                weight = weight.reshape(-1)
+        if weight is not None and input.dim() > 2 and weight.dim() != 1 and weight.numel() == input.shape[1] \
+                and not gathers():
+            weight = weight.reshape(-1)  # torch's K-dim path takes any weight of C elements
         # The gradient is written in the forward's pass when it will be needed (see README);
         # under torch.compile the backward recomputes it (no host read of the upstream gradient).
         compute_grad = input.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
