@@ -19,12 +19,18 @@ TORCH_LIBRARY(fused_loss, m) {
   // backward needs besides the inputs (a (2, rows) tensor of row maxima and log-sums) and,
   // when compute_grad is set, the input's gradient for an upstream gradient of 1, written in
   // the same pass ((N, C) input, reductions mean and sum; otherwise an empty tensor).
+  // LLM options: logits z = softcap * tanh(x / softcap) / temperature; z_loss adds
+  // z_loss * w_y * lse(z)^2 per row; return_stats makes stats (5, rows): max, log_sum,
+  // entropy, correct (0/1) and the z-loss term of each row. softcap, temperature and
+  // return_stats take (N, C) input only.
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index, "
-      "float label_smoothing, bool compute_grad) -> (Tensor loss, Tensor stats, Tensor grad)");
+      "float label_smoothing, bool compute_grad, float? softcap=None, float temperature=1.0, float z_loss=0.0, "
+      "bool return_stats=False) -> (Tensor loss, Tensor stats, Tensor grad)");
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor stats, "
-      "int reduction, int ignore_index, float label_smoothing) -> Tensor");
+      "int reduction, int ignore_index, float label_smoothing, float? softcap=None, float temperature=1.0, "
+      "float z_loss=0.0) -> Tensor");
   // Probability targets (same shape as input). Its stats have a third row: each row's sum
   // of weighted smoothed targets.
   m.def(

@@ -19,9 +19,10 @@ from . import reference
 REDUCTION_NAMES = ("none", "mean", "sum")  # at::Reduction's numbering
 
 
-def cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing):
-    return F.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=REDUCTION_NAMES[reduction],
-                           label_smoothing=label_smoothing)
+def cross_entropy_forward(input, target, weight, reduction, ignore_index, label_smoothing, softcap=None,
+                          temperature=1.0, z_loss=0.0):
+    return reference.cross_entropy_with_options(input, target, weight, ignore_index, REDUCTION_NAMES[reduction],
+                                                label_smoothing, softcap, temperature, z_loss)
 
 
 def cross_entropy_prob_forward(input, target, weight, reduction, label_smoothing):

@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
 from . import composite, reference
+from .cross_entropy_options import check_options, composed_stats, shaped, stats_from_kernel, unbatch
 from .ops import REDUCTIONS, ops
 
 
@@ -35,17 +36,45 @@ def cross_entropy(
     reduce: Optional[bool] = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
-) -> Tensor:
+    *,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    z_loss: float = 0.0,
+    return_stats: bool = False,
+):
     """Drop-in for torch.nn.functional.cross_entropy, computed by one fused kernel.
 
     input: (C,), (N, C) or (N, C, d1, ..., dk) logits. target: class indices of shape
     (), (N) or (N, d1, ..., dk), or class probabilities of the input's shape.
     size_average and reduce are torch's deprecated arguments, kept so that positional
     calls mean the same thing.
+
+    LLM options (keyword-only, off by default):
+      softcap: logits become softcap * tanh(x / softcap) (Gemma 2);
+      temperature: then divided by it;
+      z_loss: adds z_loss * lse(z)^2 per token (PaLM), z the logits after softcap and
+        temperature, weighted like the token's cross-entropy term (its class weight; 0 when
+        ignored; 1 for probability targets) and reduced with it ('mean': same denominator);
+      return_stats: return (loss, CrossEntropyStats): the z-loss part of the loss and, per
+        token, the log-sum-exp, the entropy and whether the target's logit is the max, with
+        the accuracy, all from the same pass over the logits.
     """
+    softcap, temperature, z_loss = check_options(softcap, temperature, z_loss)
     if composite.needs_composite(input, target, weight):
-        return reference.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
-                                       label_smoothing)
+        loss = reference.cross_entropy_with_options(input, target, weight, ignore_index,
+                                                    _legacy_reduction(size_average, reduce, reduction),
+                                                    label_smoothing, softcap, temperature, z_loss) \
+            if shaped(softcap, temperature) or z_loss else \
+            reference.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                    label_smoothing)
+        if not return_stats:
+            return loss
+        red = reduction_enum(_legacy_reduction(size_average, reduce, reduction))
+        z = reference.shaped_logits(input, softcap, temperature)
+        if input.dim() == 1:
+            return loss, unbatch(composed_stats(z.unsqueeze(0), target.unsqueeze(0), weight, ignore_index, red,
+                                                z_loss, loss.dtype), red)
+        return loss, composed_stats(z, target, weight, ignore_index, red, z_loss, loss.dtype)
     red = reduction_enum(_legacy_reduction(size_average, reduce, reduction))
     if input.dim() == 0:
         raise ValueError("cross_entropy: expected input of shape (C,), (N, C) or (N, C, d1, ..., dk), got a 0-dim tensor")
@@ -59,11 +88,18 @@ def cross_entropy(
                 raise RuntimeError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
             target = target.squeeze(0)
         input, target = input.unsqueeze(0), target.unsqueeze(0)
-    loss = _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoothing, probabilities)
-    return loss.squeeze(0) if unbatched and red == 0 else loss
+    options = (softcap, temperature, z_loss, return_stats)
+    loss, stats = _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoothing, probabilities,
+                                         options)
+    if unbatched:
+        loss = loss.squeeze(0) if red == 0 else loss
+        stats = unbatch(stats, red) if return_stats else None
+    return (loss, stats) if return_stats else loss
 
 
-def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoothing, probabilities):
+def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoothing, probabilities, options):
+    """(loss, stats or None) of batched input: (N, C) or (N, C, d...)."""
+    softcap, temperature, z_loss, return_stats = options
     if not probabilities:
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("fused_loss.cross_entropy: the loss is not differentiable with respect to argument "
@@ -82,11 +118,19 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
         if weight is not None and input.dim() > 2 and weight.dim() != 1 and weight.numel() == input.shape[1] \
                 and not gathers():
             weight = weight.reshape(-1)  # torch's K-dim path takes any weight of C elements
+        fused = input.dim() == 2  # the row kernel takes every option; other layouts compose them
+        z = input if fused else reference.shaped_logits(input, softcap, temperature)
         # The gradient is written in the forward's pass when it will be needed (see README);
         # under torch.compile the backward recomputes it (no host read of the upstream gradient).
-        compute_grad = input.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        return ops.cross_entropy_forward(input, target, weight, red, ignore_index, float(label_smoothing),
-                                         compute_grad)[0]
+        compute_grad = z.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        loss, st, _ = ops.cross_entropy_forward(z, target, weight, red, ignore_index, float(label_smoothing),
+                                                compute_grad, softcap if fused else None,
+                                                temperature if fused else 1.0, z_loss, return_stats and fused)
+        if not return_stats:
+            return loss, None
+        if fused:
+            return loss, stats_from_kernel(st, target, weight, ignore_index, red, loss.dtype)
+        return loss, composed_stats(z, target, weight, ignore_index, red, z_loss, loss.dtype)
     if not target.dtype.is_floating_point:
         raise RuntimeError(f"Expected floating point type for target with class probabilities, got {target.dtype}")
     if ignore_index >= 0:
@@ -97,7 +141,15 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
     input, target = input.to(dtype), target.to(dtype)
     if weight is not None:
         weight = weight.to(dtype)
-    return ops.cross_entropy_prob_forward(input, target, weight, red, float(label_smoothing))[0]
+    # Probability targets: the options composed around the fused kernel (see cross_entropy_options).
+    z = reference.shaped_logits(input, softcap, temperature)
+    loss = ops.cross_entropy_prob_forward(z, target, weight, red, float(label_smoothing))[0]
+    if z_loss:
+        terms, denominator = reference.z_loss_terms(z, target, weight, ignore_index, z_loss)
+        loss = loss + (terms if red == 0 else terms.sum() if red == 2 else terms.sum() / denominator).to(loss.dtype)
+    if not return_stats:
+        return loss, None
+    return loss, composed_stats(z, target, weight, ignore_index, red, z_loss, loss.dtype)
 
 
 def _check_floating_input(input: Tensor, name: str):

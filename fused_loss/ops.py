@@ -86,17 +86,19 @@ def _grad_pair(dx, dt, input_grad, target_grad):
 # --- class-index targets -------------------------------------------------------------
 
 @register_fake("fused_loss::cross_entropy_forward")
-def _(input, target, weight, reduction, ignore_index, label_smoothing, compute_grad):
+def _(input, target, weight, reduction, ignore_index, label_smoothing, compute_grad, softcap=None, temperature=1.0,
+      z_loss=0.0, return_stats=False):
     _check_input(input)
     torch._check(tuple(target.shape) == _row_shape(input), lambda: "target shape does not match input")
     loss = input.new_empty(target.shape if reduction == 0 else ())
     in_pass = compute_grad and input.dim() == 2 and reduction != 0  # csrc: in_pass_gradient
     grad = torch.empty_like(input, memory_format=torch.contiguous_format) if in_pass else input.new_empty((0,))
-    return loss, _row_stats_fake(input, 2), grad
+    return loss, _row_stats_fake(input, 5 if return_stats else 2), grad
 
 
 @register_fake("fused_loss::cross_entropy_backward")
-def _(grad_loss, input, target, weight, stats, reduction, ignore_index, label_smoothing):
+def _(grad_loss, input, target, weight, stats, reduction, ignore_index, label_smoothing, softcap=None,
+      temperature=1.0, z_loss=0.0):
     _check_input(input)
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
@@ -112,12 +114,14 @@ def _is_exactly_one(t: torch.Tensor) -> bool:
 
 
 def _ce_setup_context(ctx, inputs, output):
-    input, target, weight, reduction, ignore_index, label_smoothing, compute_grad = inputs
+    input, target, weight, reduction, ignore_index, label_smoothing, compute_grad, *options = inputs
+    softcap, temperature, z_loss, _ = (options + [None, 1.0, 0.0, False][len(options):])  # schema defaults
     _, stats, grad = output
     ctx.mark_non_differentiable(stats, grad)
     ctx.set_materialize_grads(False)  # no zero-filled N x C "gradients" for stats and grad
-    ctx.save_for_backward(input, target, weight, stats)
-    ctx.args = (reduction, ignore_index, label_smoothing)
+    ctx.save_for_backward(input, target, weight, stats[:2])  # the backward reads max and log_sum
+    ctx.args = (reduction, ignore_index, label_smoothing, softcap, temperature, z_loss)
+    ctx.n_inputs = len(inputs)
     # The gradient from the forward's pass, until handed out. An attribute, not a saved tensor:
     # dropped when handed out, autograd can then keep the buffer as x.grad without a copy, and a
     # user writing into it later does not trip the saved-tensor version check of a retained graph.
@@ -125,9 +129,10 @@ def _ce_setup_context(ctx, inputs, output):
 
 
 def _ce_backward(ctx, grad_loss, grad_stats, grad_grad):
+    none = (None,) * (ctx.n_inputs - 1)
     if grad_loss is None:  # no gradient reached the loss (grads are not materialised)
         ctx.in_pass_grad = None
-        return None, None, None, None, None, None, None
+        return (None, *none)
     input, target, weight, stats = ctx.saved_tensors
     if ctx.needs_input_grad[2]:
         raise NotImplementedError("fused_loss.cross_entropy: the derivative for 'weight' is not implemented "
@@ -141,9 +146,9 @@ def _ce_backward(ctx, grad_loss, grad_stats, grad_grad):
         # handed out is never read or scaled again.
         grad, ctx.in_pass_grad = ctx.in_pass_grad, None
         if grad is not None and not torch.is_grad_enabled() and _is_exactly_one(grad_loss):
-            return grad, None, None, None, None, None, None
+            return (grad, *none)
         grad_input = ops.cross_entropy_backward(grad_loss, input, target, weight, stats, *ctx.args)
-    return grad_input, None, None, None, None, None, None
+    return (grad_input, *none)
 
 
 register_autograd("fused_loss::cross_entropy_forward", _ce_backward, setup_context=_ce_setup_context)
@@ -152,7 +157,8 @@ register_autograd("fused_loss::cross_entropy_forward", _ce_backward, setup_conte
 def _ce_grad_setup_context(ctx, inputs, output):
     grad_loss, input, target, weight, stats, *args = inputs
     ctx.save_for_backward(grad_loss, input, target, weight)
-    ctx.args = args
+    ctx.args = args  # reduction, ignore_index, label_smoothing[, softcap, temperature, z_loss]
+    ctx.n_inputs = len(inputs)
 
 
 def _ce_grad_backward(ctx, grad_dx):
@@ -162,7 +168,7 @@ def _ce_grad_backward(ctx, grad_dx):
                                   "for class-index targets (as in torch)")
     gl, gx, _ = _grad_of_grads(lambda x, t: composite.cross_entropy_forward(x, t, weight, *ctx.args), grad_loss,
                                [input, target], [True, False], [grad_dx, None], torch.is_grad_enabled())
-    return gl, gx, None, None, None, None, None, None
+    return (gl, gx, *(None,) * (ctx.n_inputs - 2))
 
 
 register_autograd("fused_loss::cross_entropy_backward", _ce_grad_backward, setup_context=_ce_grad_setup_context)

@@ -12,6 +12,53 @@ smooth_l1_loss = F.smooth_l1_loss
 huber_loss = F.huber_loss
 
 
+def shaped_logits(input, softcap=None, temperature: float = 1.0):
+    """The logits cross-entropy sees under its LLM options: softcap * tanh(x / softcap) (Gemma 2),
+    then divided by the temperature."""
+    z = input
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if temperature != 1.0:
+        z = z / temperature
+    return z
+
+
+def z_loss_terms(z, target, weight=None, ignore_index: int = -100, z_loss: float = 0.0):
+    """Each token's z-loss term z_loss * w * logsumexp(z)^2 and the denominator of its 'mean':
+    w is the token's class weight (1 without weights, 0 where ignored) for class-index targets,
+    1 for probability targets. z: (N, C, d...) logits (classes in dim 1)."""
+    lse = torch.logsumexp(z, 1)
+    if target.shape == z.shape:  # probabilities
+        w = torch.ones_like(lse)
+    else:
+        valid = target != ignore_index
+        t = torch.where(valid, target, 0).long()
+        w = valid.to(lse.dtype) if weight is None else weight.reshape(-1).to(lse.dtype)[t] * valid
+    return z_loss * w * lse * lse, w.sum()
+
+
+def cross_entropy_with_options(input, target, weight=None, ignore_index: int = -100, reduction: str = "mean",
+                               label_smoothing: float = 0.0, softcap=None, temperature: float = 1.0,
+                               z_loss: float = 0.0):
+    """fused_loss.cross_entropy with its LLM options, in plain torch: F.cross_entropy of the
+    shaped logits, plus the z-loss terms reduced like the loss ('mean': over the same
+    denominator, the weights of the non-ignored targets, or the rows for probabilities)."""
+    if input.dim() == 1:  # one row, as F.cross_entropy takes it
+        loss = cross_entropy_with_options(input.unsqueeze(0), target.unsqueeze(0), weight, ignore_index, reduction,
+                                          label_smoothing, softcap, temperature, z_loss)
+        return loss.squeeze(0) if reduction == "none" else loss
+    z = shaped_logits(input, softcap, temperature)
+    loss = F.cross_entropy(z, target, weight, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if z_loss == 0.0:
+        return loss
+    terms, denominator = z_loss_terms(z, target, weight, ignore_index, z_loss)
+    if reduction == "none":
+        return loss + terms.to(loss.dtype)
+    total = terms.sum() if reduction == "sum" else terms.sum() / denominator
+    return loss + total.to(loss.dtype)
+
+
 def sigmoid_focal_loss(inputs, targets, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none"):
     """The semantics of torchvision.ops.sigmoid_focal_loss (RetinaNet), in torch ops:
     alpha_t * BCE-with-logits * (1 - p_t)^gamma, no alpha weighting when alpha < 0."""

@@ -21,7 +21,9 @@ enum class Smooth { kNone, kUniform, kWeighted };
 // reads the row, for an upstream gradient of 1) and the backward: coefficients per row, and
 // the line functor grad_chunk applies. grad_rows / grad_all: each row's share of the upstream
 // gradient ('mean' already divided by its denominator); an ignored row gets 0.
-template <typename T, Smooth S>
+// With shaped logits (softcap, temperature) the line functor maps x to z as it loads, and
+// the chain rule multiplies the gradient with respect to z by dz/dx.
+template <typename T, Smooth S, typename Logits = PlainLogits<T>>
 struct ClassRowGrad {
   using A = acc_t<T>;
   using V = AccVec<T>;
@@ -32,12 +34,13 @@ struct ClassRowGrad {
   RowStats<A> stats;
   const A* grad_rows;
   A grad_all;
+  Logits logits = {};
 
   bool ignored(int64_t row) const { return y[row] == ignore_index; }
 
   CrossEntropyClassGrad<A> coefs(int64_t row) const {
     if (ignored(row)) return {A(0), A(0), A(0)};
-    auto cf = ce_class_grad_coefs(p, grad_rows ? grad_rows[row] : grad_all, wp ? wp[y[row]] : A(1));
+    auto cf = ce_class_grad_coefs(p, grad_rows ? grad_rows[row] : grad_all, wp ? wp[y[row]] : A(1), stats.lse(row));
     if (std::isnan(stats.log_sum()[row])) cf.a = stats.log_sum()[row];  // see row_lse
     return cf;
   }
@@ -50,7 +53,10 @@ struct ClassRowGrad {
     const A* wc = wp ? wp + c0 : nullptr;
     const int64_t ty = y[row] - c0;  // target position within the chunk
     const A t_y = cf.t_y;
+    const Logits lg = logits;
     return [=](int64_t i, V* v, int64_t cnt) {
+      [[maybe_unused]] V slope[kVecsPerLine<T>];
+      if constexpr (Logits::kShaped) lg.apply(v, slope);
       for (int k = 0; k < kVecsPerLine<T>; ++k) {
         V o = (v[k] - vm).exp_u20() * va;
         if constexpr (S == Smooth::kUniform) o = o - vb;
@@ -61,40 +67,57 @@ struct ClassRowGrad {
         v[k] = o;
       }
       if (ty >= i && ty < i + cnt) sub_at<T>(v, ty - i, t_y);
+      if constexpr (Logits::kShaped) {
+        for (int k = 0; k < kVecsPerLine<T>; ++k) v[k] = v[k] * slope[k];
+      }
     };
   }
 };
 
 // dx: where the gradient of the loss (upstream gradient grad_all for every row) is written
-// in the same pass, or null for the loss alone. Only the row path (inner == 1) takes one.
-template <typename T, Smooth S>
+// in the same pass, or null for the loss alone. Only the row path (inner == 1) takes one, and
+// shaped logits (the column path gets plain ones: see RowOptions).
+template <typename T, Smooth S, typename Logits = PlainLogits<T>>
 void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>>& w, const Geometry& g,
                         int64_t ignore_index, const CrossEntropyParams<acc_t<T>>& p, const RowStats<acc_t<T>>& stats,
-                        acc_t<T>* loss, T* dx, acc_t<T> grad_all) {
+                        acc_t<T>* loss, T* dx, acc_t<T> grad_all, const Logits& logits = {},
+                        bool return_stats = false) {
   using A = acc_t<T>;
   using V = AccVec<T>;
   const A* wp = w.empty() ? nullptr : w.data();
   auto w_of = [&](int64_t c) { return wp ? wp[c] : A(1); };
-  auto finish_row = [&](int64_t row, A m, A s, A r, A sx, A x_y, int64_t yc) {
+  auto finish_row = [&](int64_t row, A m, A s, A r, A sx, A z_y, int64_t yc) {
     const RowLse<A> l = row_lse(m, s);
     stats.set_lse(row, l);
-    loss[row] = ce_class_row_loss(p, l, x_y, w_of(yc), r, sx);
+    loss[row] = ce_class_row_loss(p, l, z_y, w_of(yc), r, sx);
+    if (p.z_loss != A(0)) {
+      const A z_term = ce_z_loss_row(p, l, w_of(yc));
+      loss[row] += z_term;
+      if (return_stats) stats.z_term()[row] = z_term;
+    }
   };
   if (g.inner == 1) {
     auto skip = [&](int64_t row) { return y[row] == ignore_index; };
     auto finish = [&](int64_t row, const Partial<A>& pt, A r) {
       if (skip(row)) {
         loss[row] = A(0);  // its stats stay 0
-      } else {
-        finish_row(row, pt.m, pt.s, r, pt.lin, static_cast<A>(x[row * g.classes + y[row]]), y[row]);
+        return;
+      }
+      const A z_y = logits.scalar(static_cast<A>(x[row * g.classes + y[row]]));
+      finish_row(row, pt.m, pt.s, r, pt.lin, z_y, y[row]);
+      if (return_stats) {
+        // entropy = log_sum - h / s (see Partial); correct: the target's logit is the max
+        // (a tie for the max counts as correct).
+        stats.entropy()[row] = stats.log_sum()[row] - pt.h / pt.s;
+        stats.correct()[row] = A(z_y == pt.m);
       }
     };
     auto run = [&](auto make_terms) {
       if (dx) {
-        const ClassRowGrad<T, S> line{y, wp, ignore_index, p, stats, nullptr, grad_all};
-        row_stats_and_grad<T>(x, dx, g.outer, g.classes, make_terms, skip, finish, line);
+        const ClassRowGrad<T, S, Logits> line{y, wp, ignore_index, p, stats, nullptr, grad_all, logits};
+        row_stats_and_grad<T>(x, dx, g.outer, g.classes, make_terms, skip, finish, line, logits);
       } else {
-        row_stats<T>(x, g.outer, g.classes, make_terms, skip, finish);
+        row_stats<T>(x, g.outer, g.classes, make_terms, skip, finish, logits);
       }
     };
     if constexpr (S == Smooth::kNone) {
@@ -103,6 +126,10 @@ void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>
       run([&](int64_t, int64_t c0) { return SmoothingTerms<T, S == Smooth::kWeighted>{wp ? wp + c0 : nullptr}; });
     }
     return;
+  }
+  if constexpr (Logits::kShaped) {
+    TORCH_CHECK(false, "fused_loss internal error: softcap, temperature and statistics reach the kernel for (N, C) "
+                "input only");
   }
   for_each_column_tile<T>(g, [&](int64_t n, int64_t j0, int64_t nl) {
     const T* xb = x + n * g.classes * g.inner + j0;
@@ -125,17 +152,20 @@ void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>
   });
 }
 
-template <typename T, Smooth S>
+template <typename T, Smooth S, typename Logits = PlainLogits<T>>
 void class_backward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>>& w, const Geometry& g,
                          int64_t ignore_index, const CrossEntropyParams<acc_t<T>>& p, const RowStats<acc_t<T>>& stats,
-                         const acc_t<T>* grad_rows, acc_t<T> grad_all, T* dx) {
+                         const acc_t<T>* grad_rows, acc_t<T> grad_all, T* dx, const Logits& logits = {}) {
   using A = acc_t<T>;
   using V = AccVec<T>;
   const A* wp = w.empty() ? nullptr : w.data();
-  const ClassRowGrad<T, S> row_line{y, wp, ignore_index, p, stats, grad_rows, grad_all};
+  const ClassRowGrad<T, S, Logits> row_line{y, wp, ignore_index, p, stats, grad_rows, grad_all, logits};
   if (g.inner == 1) {
     row_grad<T>(x, dx, dx, g.outer, g.classes, [&](int64_t row) { return row_line.ignored(row); }, row_line);
     return;
+  }
+  if constexpr (Logits::kShaped) {
+    TORCH_CHECK(false, "fused_loss internal error: softcap and temperature reach the kernel for (N, C) input only");
   }
   for_each_column_tile<T>(g, [&](int64_t n, int64_t j0, int64_t nl) {
     // Lanes are rows; `zero` marks ignored rows and the lanes past the tile (their output
@@ -193,20 +223,31 @@ void dispatch_smooth(bool smooth, bool weighted, F f) {
   }
 }
 
+template <typename T, typename F>
+void dispatch_logits(const RowOptions& o, F f) {
+  if (o.shaped()) f(ShapedLogits<T>::make(o.softcap, o.temperature)); else f(PlainLogits<T>{});
+}
+
 // compute_grad: also return the gradient of the loss for an upstream gradient of 1, written
 // in the pass that reads the logits (reductions 'mean' and 'sum' of (N, C) input; otherwise an
 // empty tensor, and the backward recomputes). The backward then has nothing left to do.
+// softcap, temperature, z_loss and return_stats: see RowOptions ((N, C) input only; z_loss
+// also for (N, C, d...)).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
-    int64_t ignore_index, double label_smoothing, bool compute_grad) {
+    int64_t ignore_index, double label_smoothing, bool compute_grad, std::optional<double> softcap, double temperature,
+    double z_loss, bool return_stats) {
   check_input(input);
   check_smoothing(label_smoothing);
+  const RowOptions opts = row_options(softcap, temperature, z_loss, return_stats);
   const Reduction red = to_reduction(reduction);
   const Geometry g = geometry(input);
+  TORCH_CHECK(!opts.shaped() || g.inner == 1, "fused_loss.cross_entropy: softcap, temperature and return_stats are "
+              "fused for (N, C) input; fused_loss.cross_entropy composes them for other shapes");
   const at::Tensor y = class_targets(target, input, g, ignore_index);
   const at::Tensor x = input.contiguous();
   const auto acc = acc_type_of(input);
-  at::Tensor stats = new_row_stats(2, g.rows(), input);
+  at::Tensor stats = new_row_stats(opts.stats_parts(), g.rows(), input);
   at::Tensor rows = at::empty({g.rows()}, input.options().dtype(acc));
   const bool in_pass = compute_grad && in_pass_gradient(input, red);
   at::Tensor dx = in_pass ? new_like(input) : at::empty({0}, input.options());
@@ -214,13 +255,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_forward", [&] {
     using A = acc_t<scalar_t>;
     const auto w = class_weights<A>(weight, input, g.classes);
-    const auto p = make_params<A>(label_smoothing, g.classes, w);
+    const auto p = make_params<A>(label_smoothing, g.classes, w, opts.z_loss);
     if (red == Reduction::Mean) denominator = class_mean_denominator(y.data_ptr<int64_t>(), g.rows(), w, ignore_index);
     dispatch_smooth(p.smooth, !w.empty(), [&](auto S) {
-      class_forward_impl<scalar_t, decltype(S)::value>(x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), w, g,
-                                                       ignore_index, p, RowStats<A>(stats), rows.data_ptr<A>(),
-                                                       in_pass ? dx.data_ptr<scalar_t>() : nullptr,
-                                                       A(1.0 / denominator));
+      dispatch_logits<scalar_t>(opts, [&](const auto& logits) {
+        class_forward_impl<scalar_t, decltype(S)::value>(x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), w, g,
+                                                         ignore_index, p, RowStats<A>(stats), rows.data_ptr<A>(),
+                                                         in_pass ? dx.data_ptr<scalar_t>() : nullptr,
+                                                         A(1.0 / denominator), logits, opts.return_stats);
+      });
     });
   });
   at::Tensor loss = reduce_loss(rows, red, denominator, target.sizes(), input);
@@ -230,13 +273,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
   return {loss, stats, dx};
 }
 
+// stats: the forward's first two parts (row maxima and log-sums).
 at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
                                       const std::optional<at::Tensor>& weight, const at::Tensor& stats,
-                                      int64_t reduction, int64_t ignore_index, double label_smoothing) {
+                                      int64_t reduction, int64_t ignore_index, double label_smoothing,
+                                      std::optional<double> softcap, double temperature, double z_loss) {
   check_input(input);
   check_smoothing(label_smoothing);
+  const RowOptions opts = row_options(softcap, temperature, z_loss, false);
   const Reduction red = to_reduction(reduction);
   const Geometry g = geometry(input);
+  TORCH_CHECK(!opts.shaped() || g.inner == 1, "fused_loss.cross_entropy: softcap and temperature are fused for "
+              "(N, C) input; fused_loss.cross_entropy composes them for other shapes");
   const at::Tensor y = class_targets(target, input, g, ignore_index);
   const auto acc = acc_type_of(input);
   const at::Tensor st = check_stats(stats, "stats", 2, g, acc);
@@ -245,14 +293,16 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_backward", [&] {
     using A = acc_t<scalar_t>;
     const auto w = class_weights<A>(weight, input, g.classes);
-    const auto p = make_params<A>(label_smoothing, g.classes, w);
+    const auto p = make_params<A>(label_smoothing, g.classes, w, opts.z_loss);
     const double denominator =
         red == Reduction::Mean ? class_mean_denominator(y.data_ptr<int64_t>(), g.rows(), w, ignore_index) : 1.0;
     const UpstreamGrad u = upstream_grad(grad_loss, red, g.rows(), acc, denominator);
     dispatch_smooth(p.smooth, !w.empty(), [&](auto S) {
-      class_backward_impl<scalar_t, decltype(S)::value>(
-          x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), w, g, ignore_index, p, RowStats<A>(st),
-          u.rows.defined() ? u.rows.data_ptr<A>() : nullptr, A(u.all), dx.data_ptr<scalar_t>());
+      dispatch_logits<scalar_t>(opts, [&](const auto& logits) {
+        class_backward_impl<scalar_t, decltype(S)::value>(
+            x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), w, g, ignore_index, p, RowStats<A>(st),
+            u.rows.defined() ? u.rows.data_ptr<A>() : nullptr, A(u.all), dx.data_ptr<scalar_t>(), logits);
+      });
     });
   });
   return dx;

@@ -110,8 +110,10 @@ inline at::Tensor class_targets(const at::Tensor& target, const at::Tensor& inpu
 }
 
 template <typename A>
-CrossEntropyParams<A> make_params(double label_smoothing, int64_t classes, const std::vector<A>& w) {
+CrossEntropyParams<A> make_params(double label_smoothing, int64_t classes, const std::vector<A>& w,
+                                  double z_loss = 0.0) {
   CrossEntropyParams<A> p;
+  p.z_loss = A(z_loss);
   p.smooth = label_smoothing > 0.0;  // torch applies no smoothing for values <= 0
   p.eps = p.smooth ? A(label_smoothing) : A(0);
   p.eps_over_c = p.smooth ? A(label_smoothing / double(classes)) : A(0);
@@ -160,6 +162,10 @@ struct RowStats {
   A* part(int k) const { return data + k * rows; }
   A* max() const { return part(0); }
   A* log_sum() const { return part(1); }
+  // Parts 2.. when the forward returns statistics (class-index targets; see RowOptions).
+  A* entropy() const { return part(2); }
+  A* correct() const { return part(3); }
+  A* z_term() const { return part(4); }
   RowLse<A> lse(int64_t row) const { return {data[row], data[rows + row]}; }
   void set_lse(int64_t row, const RowLse<A>& l) const {
     data[row] = l.max;
@@ -174,6 +180,29 @@ inline at::Tensor new_row_stats(int64_t parts, int64_t rows, const at::Tensor& i
 // The shift of a row's (or a part's) linear sums: its max when finite, else 0.
 template <typename A>
 A shift_of(A m) { return std::isfinite(m) ? m : A(0); }
+
+// The LLM options of class-index cross-entropy (see logits.h), checked. They are fused into
+// the row kernels; the Python layer composes them around the kernels for other layouts.
+struct RowOptions {
+  std::optional<double> softcap;
+  double temperature = 1.0;
+  double z_loss = 0.0;
+  bool return_stats = false;  // stats gain entropy, correct (0/1) and z-loss term per row
+
+  bool shaped() const { return softcap.has_value() || temperature != 1.0 || return_stats; }
+  bool any() const { return shaped() || z_loss != 0.0; }
+  int64_t stats_parts() const { return return_stats ? 5 : 2; }
+};
+
+inline RowOptions row_options(std::optional<double> softcap, double temperature, double z_loss, bool return_stats) {
+  TORCH_CHECK(!softcap.has_value() || (std::isfinite(*softcap) && *softcap > 0),
+              "fused_loss.cross_entropy: softcap must be a positive finite number or None, got ", *softcap);
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
+              "fused_loss.cross_entropy: temperature must be a positive finite number, got ", temperature);
+  TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0,
+              "fused_loss.cross_entropy: z_loss must be a non-negative finite number, got ", z_loss);
+  return {softcap, temperature, z_loss, return_stats};
+}
 
 // ---------------------------------------------------------------------------------
 // Entry-point helpers

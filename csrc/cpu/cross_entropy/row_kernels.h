@@ -7,6 +7,7 @@
 #pragma once
 
 #include "common.h"
+#include "logits.h"
 
 namespace fused_loss::cpu {
 inline namespace CPU_CAPABILITY {
@@ -55,19 +56,31 @@ inline void store_or_stream(T* p, const AccVec<T>* v, int64_t cnt) {
 // weighted smoothed targets). Sums are kept relative to the part's own max, never to a logit
 // that may be far from it (a first logit of -1e9 would cancel every digit of the others), and
 // are moved to the merged max exactly when parts merge: (shift_a - shift) * mass_a.
+// Shaped logits (logits.h) also keep h = sum exp(z - m) (z - m) for the entropy, moved to a
+// new max M as exp(m - M) (h + (m - M) s).
 template <typename A>
 struct Partial {
   A m = kNegInf<A>;
   A s = A(0);
   A lin = A(0);
   A mass = A(0);
+  A h = A(0);
 
   void merge(const Partial& o) {
     const A ref_a = shift_of(m), ref_b = shift_of(o.m);
+    const A m_a = m, s_a = s;
     merge_max_sumexp(m, s, o.m, o.s, exp_scalar<A>);
     const A ref = shift_of(m);
     lin = (lin + (ref_a - ref) * mass) + (o.lin + (ref_b - ref) * o.mass);
     mass += o.mass;
+    h = moved_h(h, m_a, s_a) + moved_h(o.h, o.m, o.s);
+  }
+
+ private:
+  A moved_h(A h_p, A m_p, A s_p) const {
+    if (s_p == A(0)) return A(0);  // an empty or all -inf part
+    const A d = m_p - m;
+    return exp_scalar(d) * (h_p + d * s_p);
   }
 };
 
@@ -147,9 +160,10 @@ struct NoTerms {
 constexpr int kAcc = 4;
 
 // One chunk of a row, block by block: pass 1 streams the block from memory for its max,
-// pass 2 re-reads it from L1 for the sums. One exp per element.
-template <typename T, typename Terms>
-Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms) {
+// pass 2 re-reads it from L1 for the sums. One exp per element. `logits` maps the loaded
+// logits (see logits.h); Terms see the mapped ones.
+template <typename T, typename Terms, typename Logits = PlainLogits<T>>
+Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms, const Logits& logits = {}) {
   using A = acc_t<T>;
   using V = AccVec<T>;
   constexpr int NV = kVecsPerLine<T>;
@@ -176,11 +190,13 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms) {
         if (nk > 0) acc[0] = at::vec::maximum(acc[0], keep_first(v[k], nk, kNegInf<A>));
       }
     });
-    const A mb = reduce_max(at::vec::maximum(at::vec::maximum(acc[0], acc[1]), at::vec::maximum(acc[2], acc[3])));
+    const A mb = logits.scalar(
+        reduce_max(at::vec::maximum(at::vec::maximum(acc[0], acc[1]), at::vec::maximum(acc[2], acc[3]))));
     // One shift for the exp and the linear sums (see Partial): an all -inf block adds
     // exp(-inf) = 0; a block whose max is +inf or NaN makes its row NaN (row_lse) anyway.
     const V shift(shift_of(mb));
     for (auto& a : acc) a = V(0);
+    V hacc(0);  // shaped logits: the entropy sum
     for (int64_t i = 0; i < full; i += kAcc * kLine<T>) {
       for (int u = 0; u < kAcc; ++u) {
         const int64_t off = i + u * kLine<T>;
@@ -189,22 +205,32 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms) {
         prefetch_ahead(xb + off, kBlock * int64_t(sizeof(T)));
         V v[NV];
         load_line(xb + off, v);
-        for (int k = 0; k < NV; ++k) acc[u] += (v[k] - shift).exp_u20();
+        logits.apply(v);
+        for (int k = 0; k < NV; ++k) {
+          const V d = v[k] - shift, e = d.exp_u20();
+          acc[u] += e;
+          if constexpr (Logits::kShaped) hacc += entropy_term(e, d);
+        }
         terms.add(v, b + off, kLine<T>, shift);
       }
     }
     for_each_line<T>(len - full, [&](int64_t i, int64_t cnt) {
       V v[NV];
       load_line_n(xb + full + i, v, cnt);
+      logits.apply(v);
       for (int k = 0; k < NV; ++k) {
         const int64_t nk = lanes_in<T>(cnt, k);
-        if (nk > 0) acc[0] += keep_first((v[k] - shift).exp_u20(), nk, A(0));
+        if (nk == 0) continue;
+        const V d = v[k] - shift, e = keep_first(d.exp_u20(), nk, A(0));
+        acc[0] += e;
+        if constexpr (Logits::kShaped) hacc += keep_first(entropy_term(e, d), nk, A(0));
       }
       terms.add(v, b + full + i, cnt, shift);
     });
     Partial<A> blk;
     blk.m = mb;
     blk.s = reduce_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    blk.h = reduce_sum(hacc);
     terms.flush(blk);
     part.merge(blk);
   }
@@ -213,8 +239,9 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms) {
 
 // Runs chunk_stats over every (row, chunk) in parallel, then merges each row's chunks in
 // order and hands (row, merged partial) to `finish`.
-template <typename T, typename MakeTerms, typename Skip, typename Finish>
-void row_stats(const T* x, int64_t rows, int64_t classes, MakeTerms make_terms, Skip skip, Finish finish) {
+template <typename T, typename MakeTerms, typename Skip, typename Finish, typename Logits = PlainLogits<T>>
+void row_stats(const T* x, int64_t rows, int64_t classes, MakeTerms make_terms, Skip skip, Finish finish,
+               const Logits& logits = {}) {
   using A = acc_t<T>;
   const int64_t nchunks = std::max<int64_t>(1, ceil_div(classes, kChunk));
   std::vector<Partial<A>> parts(rows * nchunks);
@@ -222,7 +249,7 @@ void row_stats(const T* x, int64_t rows, int64_t classes, MakeTerms make_terms, 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / nchunks, c0 = (task % nchunks) * kChunk;
       if (skip(row) || c0 >= classes) continue;
-      parts[task] = chunk_stats<T>(x + row * classes + c0, std::min(kChunk, classes - c0), make_terms(row, c0));
+      parts[task] = chunk_stats<T>(x + row * classes + c0, std::min(kChunk, classes - c0), make_terms(row, c0), logits);
     }
   });
   at::parallel_for(0, rows, grain_for(nchunks * 8), [&](int64_t begin, int64_t end) {
@@ -288,12 +315,13 @@ void row_grad(const T* x, T* out, const T* align, int64_t rows, int64_t classes,
 // (one read of the logits from memory, one write of the gradient). The statistics are merged
 // chunk by chunk in the same order either way, so the bits do not depend on the path taken
 // or on the thread count. `finish` must have stored what make_line(row, ...) reads.
-template <typename T, typename MakeTerms, typename Skip, typename Finish, typename MakeLine>
+template <typename T, typename MakeTerms, typename Skip, typename Finish, typename MakeLine,
+          typename Logits = PlainLogits<T>>
 void row_stats_and_grad(const T* x, T* out, int64_t rows, int64_t classes, MakeTerms make_terms, Skip skip,
-                        Finish finish, MakeLine make_line) {
+                        Finish finish, MakeLine make_line, const Logits& logits = {}) {
   using A = acc_t<T>;
   if (rows < 4 * int64_t(at::get_num_threads()) || classes == 0) {  // too few rows to share out: split them
-    row_stats<T>(x, rows, classes, make_terms, skip, finish);
+    row_stats<T>(x, rows, classes, make_terms, skip, finish, logits);
     row_grad<T>(x, out, out, rows, classes, skip, make_line);
     return;
   }
@@ -304,9 +332,9 @@ void row_stats_and_grad(const T* x, T* out, int64_t rows, int64_t classes, MakeT
         finish(row, Partial<A>{}, A(0));
       } else {
         const T* xr = x + row * classes;
-        Partial<A> p = chunk_stats<T>(xr, std::min(kChunk, classes), make_terms(row, 0));
+        Partial<A> p = chunk_stats<T>(xr, std::min(kChunk, classes), make_terms(row, 0), logits);
         for (int64_t c0 = kChunk; c0 < classes; c0 += kChunk) {
-          p.merge(chunk_stats<T>(xr + c0, std::min(kChunk, classes - c0), make_terms(row, c0)));
+          p.merge(chunk_stats<T>(xr + c0, std::min(kChunk, classes - c0), make_terms(row, c0), logits));
         }
         finish(row, p, shift_of(p.m));
       }

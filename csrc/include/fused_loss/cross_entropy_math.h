@@ -33,6 +33,7 @@ struct CrossEntropyParams {
   A eps;         // label smoothing when smooth, else 0
   A eps_over_c;  // eps / C
   A w_sum;       // sum of class weights (C without weights)
+  A z_loss;      // coefficient of the z-loss term z_loss * w_y * lse^2 (0: none)
 };
 
 // A row's log-sum-exp, kept as its two parts (see Precision above).
@@ -61,6 +62,14 @@ FL_HOST_DEVICE A ce_prob_row_loss(const RowLse<A>& l, A r, A swt, A swtx) {
   return lse_minus(l, r) * swt - swtx;
 }
 
+// The z-loss term of a row (PaLM): z_loss * lse^2, weighted like the row's cross-entropy
+// term (w_y). Its gradient adds 2 z_loss w_y lse p_c to each class: see ce_class_grad_coefs.
+template <typename A>
+FL_HOST_DEVICE A ce_z_loss_row(const CrossEntropyParams<A>& p, const RowLse<A>& l, A w_y) {
+  const A lse = l.max + l.log_sum;
+  return p.z_loss * w_y * lse * lse;
+}
+
 // Smoothed target t'_c.
 template <typename A>
 FL_HOST_DEVICE A ce_smoothed_target(A t, A one_minus_eps, A eps_over_c) {
@@ -78,10 +87,15 @@ struct CrossEntropyClassGrad {
 };
 
 template <typename A>
-FL_HOST_DEVICE CrossEntropyClassGrad<A> ce_class_grad_coefs(const CrossEntropyParams<A>& p, A g, A w_y) {
-  if (!p.smooth) return {g * w_y, A(0), g * w_y};
-  const A t_y = g * (A(1) - p.eps) * w_y;
-  return {t_y + g * p.eps_over_c * p.w_sum, g * p.eps_over_c, t_y};
+FL_HOST_DEVICE CrossEntropyClassGrad<A> ce_class_grad_coefs(const CrossEntropyParams<A>& p, A g, A w_y,
+                                                            const RowLse<A>& l) {
+  CrossEntropyClassGrad<A> cf{g * w_y, A(0), g * w_y};
+  if (p.smooth) {
+    const A t_y = g * (A(1) - p.eps) * w_y;
+    cf = {t_y + g * p.eps_over_c * p.w_sum, g * p.eps_over_c, t_y};
+  }
+  if (p.z_loss != A(0)) cf.a += A(2) * p.z_loss * g * w_y * (l.max + l.log_sum);
+  return cf;
 }
 
 // Mixing the statistics of two parts of a row: running max m and sum s of exp(x - m).

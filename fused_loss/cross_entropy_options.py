@@ -1,0 +1,101 @@
+"""Cross-entropy's LLM options (softcap, temperature, z_loss) and its per-token statistics.
+
+For (N, C) logits with class-index targets (the LLM case) all of it is fused into the
+kernel's one pass: the logits are shaped as they are loaded, the z-loss is part of each
+row's loss and gradient coefficients, and the statistics come from the same pass. For other
+layouts (K-dim input, probability targets) the options are composed around the fused kernel
+with torch ops: exact, but the shaped logits are materialised and read again.
+"""
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .ops import acc_dtype
+
+
+class CrossEntropyStats(NamedTuple):
+    """What `cross_entropy(..., return_stats=True)` returns beside the loss; detached, for
+    logging and RL. Per-token tensors have the target's shape (the row shape for probability
+    targets) and the accumulation dtype (float32, float64 for float64 input); ignored tokens
+    hold 0 (False for `correct`)."""
+    z_loss: Tensor  # the z-loss part of the loss, reduced as the loss (0 when z_loss=0)
+    lse: Tensor  # per token: logsumexp of the (shaped) logits
+    entropy: Tensor  # per token: entropy of softmax of the (shaped) logits, in nats
+    correct: Optional[Tensor]  # per token: the target's logit is the max (ties count); None for probabilities
+    accuracy: Optional[Tensor]  # correct tokens / non-ignored tokens (NaN if none); None for probabilities
+
+
+def check_options(softcap, temperature, z_loss):
+    """The options as floats, or an error that names fused_loss (the kernel checks them too)."""
+    if softcap is not None:
+        softcap = float(softcap)
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"fused_loss.cross_entropy: softcap must be a positive finite number or None, got {softcap}")
+    temperature, z_loss = float(temperature), float(z_loss)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"fused_loss.cross_entropy: temperature must be a positive finite number, got {temperature}")
+    if not (math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(f"fused_loss.cross_entropy: z_loss must be a non-negative finite number, got {z_loss}")
+    return softcap, temperature, z_loss
+
+
+def shaped(softcap, temperature) -> bool:
+    return softcap is not None or temperature != 1.0
+
+
+def _reduce(terms: Tensor, reduction: int, denominator: Tensor, dtype) -> Tensor:
+    if reduction == 0:
+        return terms.to(dtype)
+    total = terms.sum() if reduction == 2 else terms.sum() / denominator
+    return total.to(dtype)
+
+
+def _accuracy(correct: Tensor, valid: Tensor) -> Tensor:
+    return correct.sum(dtype=torch.float32) / valid.sum(dtype=torch.float32)
+
+
+def _token_weights(target, weight, ignore_index, dtype):
+    valid = target != ignore_index
+    if weight is None:
+        return valid.to(dtype), valid
+    t = torch.where(valid, target, 0).long()
+    return weight.reshape(-1).to(dtype)[t] * valid, valid
+
+
+def stats_from_kernel(st: Tensor, target, weight, ignore_index, reduction, loss_dtype) -> CrossEntropyStats:
+    """The statistics from the row kernel's (5, rows) output: max, log_sum, entropy, correct, z term."""
+    shape = target.shape
+    w, valid = _token_weights(target, weight, ignore_index, st.dtype)
+    correct = st[3].view(shape) != 0
+    return CrossEntropyStats(_reduce(st[4].view(shape), reduction, w.sum(), loss_dtype), (st[0] + st[1]).view(shape),
+                             st[2].view(shape), correct, _accuracy(correct, valid))
+
+
+@torch.no_grad()
+def composed_stats(z: Tensor, target, weight, ignore_index, reduction, z_loss, loss_dtype) -> CrossEntropyStats:
+    """The same statistics with torch ops, from the shaped logits z ((N, C, d...))."""
+    z = z.detach().to(acc_dtype(z.dtype))
+    probabilities = target.shape == z.shape
+    lse = torch.logsumexp(z, 1)
+    entropy = torch.special.entr(torch.softmax(z, 1)).sum(1)  # 0 log 0 = 0
+    terms, denominator = reference.z_loss_terms(z, target, weight, ignore_index, z_loss)
+    z_term = _reduce(terms, reduction, denominator, loss_dtype)
+    if probabilities:
+        return CrossEntropyStats(z_term, lse, entropy, None, None)
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0).long().unsqueeze(1)
+    correct = (z.gather(1, t).squeeze(1) == z.amax(1)) & valid
+    zero = torch.zeros((), dtype=lse.dtype)
+    return CrossEntropyStats(z_term, torch.where(valid, lse, zero), torch.where(valid, entropy, zero), correct,
+                             _accuracy(correct, valid))
+
+
+def unbatch(stats: CrossEntropyStats, reduction: int) -> CrossEntropyStats:
+    """Statistics of a (C,) input computed as one row of (1, C): per-token fields lose the row."""
+    def sq(t):
+        return None if t is None else t.squeeze(0)
+    return CrossEntropyStats(stats.z_loss.squeeze(0) if reduction == 0 else stats.z_loss, sq(stats.lse),
+                             sq(stats.entropy), sq(stats.correct), stats.accuracy)
