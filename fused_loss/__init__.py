@@ -11,6 +11,7 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
     ) from e
 
 from . import ops  # noqa: F401,E402  (fake kernels and autograd)
+from .cross_entropy_options import CrossEntropyStats  # noqa: E402
 from .functional import (  # noqa: E402
     binary_cross_entropy_with_logits,
     cross_entropy,
@@ -22,7 +23,7 @@ from .memory import cpu_cache_info, empty_cache, set_cpu_cache_limits  # noqa: E
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, SmoothL1Loss  # noqa: E402
 
 __all__ = [
-    "cross_entropy", "binary_cross_entropy_with_logits", "smooth_l1_loss", "huber_loss", "sigmoid_focal_loss",
+    "cross_entropy", "CrossEntropyStats", "binary_cross_entropy_with_logits", "smooth_l1_loss", "huber_loss", "sigmoid_focal_loss",
     "CrossEntropyLoss", "BCEWithLogitsLoss", "SmoothL1Loss", "HuberLoss",
     "cpu_cache_info", "set_cpu_cache_limits", "empty_cache",
 ]

@@ -3,21 +3,27 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from .cross_entropy_options import check_options
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """Drop-in for torch.nn.CrossEntropyLoss (an instance of it too), with a fused kernel."""
+    """Drop-in for torch.nn.CrossEntropyLoss (an instance of it too), with a fused kernel, and
+    fused_loss.cross_entropy's keyword-only LLM options (softcap, temperature, z_loss,
+    return_stats: then forward returns (loss, CrossEntropyStats))."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
-                 label_smoothing=0.0):
+                 label_smoothing=0.0, *, softcap=None, temperature=1.0, z_loss=0.0, return_stats=False):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         F.reduction_enum(self.reduction)  # fail at construction, not at the first batch
         if self.label_smoothing > 1.0:
             raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {self.label_smoothing}")
+        self.softcap, self.temperature, self.z_loss = check_options(softcap, temperature, z_loss)
+        self.return_stats = return_stats
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor):
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                               reduction=self.reduction, label_smoothing=self.label_smoothing)
+                               reduction=self.reduction, label_smoothing=self.label_smoothing, softcap=self.softcap,
+                               temperature=self.temperature, z_loss=self.z_loss, return_stats=self.return_stats)
 
 
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
