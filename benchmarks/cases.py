@@ -15,6 +15,7 @@ class Case:
     dtype: str
     label: str = ""
     sweep: str = ""  # name of the sweep this case belongs to ("" if none)
+    options: Tuple[Tuple[str, object], ...] = ()  # keyword arguments of the loss, e.g. (("z_loss", 1e-4),)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -41,7 +42,7 @@ def _ce_inputs(case: Case, device: str):
     n, c = case.shape[0], case.shape[1]
     x = torch.randn(case.shape, generator=gen).to(device=device, dtype=case.torch_dtype)
     t = torch.randint(0, c, (n, *case.shape[2:]), generator=gen).to(device)
-    return (x, t), {}
+    return (x, t), dict(case.options)
 
 
 def _ce_floor(case: Case, mode: str) -> int:
@@ -58,13 +59,23 @@ def _ce_cases():
     llm = [((4096, 32000), "float32", "LLM head, 32k vocab"), ((4096, 32000), "bfloat16", "LLM head, 32k vocab"),
            ((2048, 128256), "float32", "LLM head, 128k vocab")]
     default = [Case("cross_entropy", s, d, label) for s, d, label in llm]
+    # The LLM options: all three at once (Gemma 2's softcap of 30, a sampling temperature,
+    # PaLM's z-loss coefficient), and each alone in the full preset.
+    every = (("softcap", 30.0), ("temperature", 0.7), ("z_loss", 1e-4))
+    default.append(Case("cross_entropy", (4096, 32000), "float32", "LLM head, 32k vocab, softcap+temperature+z-loss",
+                        options=every))
+    options = [Case("cross_entropy", (4096, 32000), "float32", f"LLM head, 32k vocab, {k}", options=((k, v),))
+               for k, v in every]
+    options.append(Case("cross_entropy", (4096, 32000), "bfloat16", "LLM head, 32k vocab, softcap+temperature+z-loss",
+                        options=every))
     sweep = [Case("cross_entropy", (1024, c), d, f"vocab sweep, C={c}", sweep="vocab")
              for d in ("float32", "bfloat16") for c in (8192, 32000, 65536, 128256, 256000)]
     extra = [Case("cross_entropy", (8192, 256000), "bfloat16", "LLM head, 256k vocab"),
              Case("cross_entropy", (8, 21, 256, 256), "float32", "segmentation, 21 classes")]
     quick = [Case("cross_entropy", (64, c), "float32", "tiny", sweep="tiny") for c in (1000, 4000)]
     quick.append(Case("cross_entropy", (32, 5000), "bfloat16", "tiny"))
-    return {"default": default, "full": default + sweep + extra, "sweep": sweep, "quick": quick}
+    quick.append(Case("cross_entropy", (64, 1000), "float32", "tiny, options", options=every))
+    return {"default": default, "full": default + options + sweep + extra, "sweep": sweep, "quick": quick}
 
 
 # --- elementwise losses (BCE-with-logits, smooth L1, Huber, sigmoid focal) ------------------------

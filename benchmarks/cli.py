@@ -66,15 +66,20 @@ def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def make_step(fn, args, kwargs, mode):
-    """(setup, step) for a mode; the first argument is the differentiated leaf."""
+    """(setup, step) for a mode; the first argument is the differentiated leaf. 'forward' is the
+    loss alone, under torch.no_grad (as in evaluation: no provider prepares a backward)."""
     x, rest = args[0], args[1:]
 
     def setup():
         x.grad = None
         return fn(x, *rest, **kwargs) if mode == "backward" else None
 
+    def forward(_):
+        with torch.no_grad():
+            return fn(x, *rest, **kwargs)
+
     if mode == "forward":
-        return setup, lambda _: fn(x, *rest, **kwargs)
+        return setup, forward
     if mode == "full":
         return setup, lambda _: fn(x, *rest, **kwargs).backward()
     return setup, lambda loss: loss.backward()
@@ -136,7 +141,7 @@ def parse_args(argv=None):
     p.add_argument("--loss", nargs="+", choices=sorted(LOSSES), default=sorted(LOSSES))
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
                    help="restrict to these dtypes (default: each case's own)")
-    p.add_argument("--mode", nargs="+", choices=MODES, default=["full"])
+    p.add_argument("--mode", nargs="+", choices=MODES, default=["forward", "full"])
     p.add_argument("--sizes", default="default",
                    help="preset (quick, default, full, sweep) or shapes such as 4096x32000,1024x128256")
     p.add_argument("--providers", nargs="+", choices=sorted(PROVIDERS), default=None,

@@ -6,7 +6,6 @@ reference is torch's own function.
 import torch
 import torch.nn.functional as F
 
-cross_entropy = F.cross_entropy
 binary_cross_entropy_with_logits = F.binary_cross_entropy_with_logits
 smooth_l1_loss = F.smooth_l1_loss
 huber_loss = F.huber_loss
@@ -57,6 +56,19 @@ def cross_entropy_with_options(input, target, weight=None, ignore_index: int = -
         return loss + terms.to(loss.dtype)
     total = terms.sum() if reduction == "sum" else terms.sum() / denominator
     return loss + total.to(loss.dtype)
+
+
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
+                  reduction: str = "mean", label_smoothing: float = 0.0, *, softcap=None, temperature: float = 1.0,
+                  z_loss: float = 0.0):
+    """torch's F.cross_entropy itself; with fused_loss's LLM options, cross_entropy_with_options."""
+    if softcap is None and temperature == 1.0 and not z_loss:
+        return F.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    return cross_entropy_with_options(input, target, weight, ignore_index, reduction, label_smoothing, softcap,
+                                      temperature, z_loss)
 
 
 def sigmoid_focal_loss(inputs, targets, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none"):

@@ -225,7 +225,13 @@ void dispatch_smooth(bool smooth, bool weighted, F f) {
 
 template <typename T, typename F>
 void dispatch_logits(const RowOptions& o, F f) {
-  if (o.shaped()) f(ShapedLogits<T>::make(o.softcap, o.temperature)); else f(PlainLogits<T>{});
+  if (o.return_stats) {
+    f(ShapedLogits<T, true>::make(o.softcap, o.temperature));
+  } else if (o.shaped()) {
+    f(ShapedLogits<T, false>::make(o.softcap, o.temperature));
+  } else {
+    f(PlainLogits<T>{});
+  }
 }
 
 // compute_grad: also return the gradient of the loss for an upstream gradient of 1, written

@@ -209,7 +209,7 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms, const Logits& 
         for (int k = 0; k < NV; ++k) {
           const V d = v[k] - shift, e = d.exp_u20();
           acc[u] += e;
-          if constexpr (Logits::kShaped) hacc += entropy_term(e, d);
+          if constexpr (Logits::kEntropy) hacc += entropy_term(e, d);
         }
         terms.add(v, b + off, kLine<T>, shift);
       }
@@ -223,7 +223,7 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms, const Logits& 
         if (nk == 0) continue;
         const V d = v[k] - shift, e = keep_first(d.exp_u20(), nk, A(0));
         acc[0] += e;
-        if constexpr (Logits::kShaped) hacc += keep_first(entropy_term(e, d), nk, A(0));
+        if constexpr (Logits::kEntropy) hacc += keep_first(entropy_term(e, d), nk, A(0));
       }
       terms.add(v, b + full + i, cnt, shift);
     });
