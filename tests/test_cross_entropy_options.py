@@ -96,13 +96,29 @@ def test_gradcheck_with_every_option(layout):
         assert torch.autograd.gradgradcheck(fn, (x,))
 
 
-def test_the_gradient_written_in_the_forward_pass_matches_the_recomputed_one():
-    x, t, kw = _case("rows", 500, torch.float32, dict(weight=True, label_smoothing=0.1, ignore_index=3))
+@pytest.mark.parametrize("softcap", [3.0, None])
+@pytest.mark.parametrize("rows, classes", [(37, 500), (40, 33000), (5, 9000)])  # one pass (2 chunks); split rows
+def test_the_gradient_written_in_the_forward_pass_matches_the_recomputed_one(rows, classes, softcap):
+    """Bit for bit: kept block exponentials, recomputed ones, and any thread count."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(rows, classes, generator=g) * 4
+    t = torch.randint(0, classes, (rows,), generator=g)
+    t[::4] = 3
+    w = torch.rand(classes, generator=g) + 0.5
     ops = torch.ops.fused_loss
-    _, stats, in_pass = ops.cross_entropy_forward(x, t, kw["weight"], 1, 3, 0.1, True, 3.0, 1.7, 0.05)
-    recomputed = ops.cross_entropy_backward(torch.ones(()), x, t, kw["weight"], stats, 1, 3, 0.1, 3.0, 1.7, 0.05)
-    assert in_pass.shape == x.shape
-    torch.testing.assert_close(in_pass, recomputed, rtol=0, atol=0)
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            _, stats, in_pass = ops.cross_entropy_forward(x, t, w, 1, 3, 0.1, True, softcap, 1.7, 0.05)
+            grads += [in_pass.clone(),
+                      ops.cross_entropy_backward(torch.ones(()), x, t, w, stats, 1, 3, 0.1, softcap, 1.7, 0.05)]
+    finally:
+        torch.set_num_threads(threads)
+    assert grads[0].shape == x.shape
+    for other in grads[1:]:
+        assert torch.equal(grads[0], other)
 
 
 # --- statistics ---------------------------------------------------------------------------

@@ -45,24 +45,24 @@ struct ClassRowGrad {
     return cf;
   }
 
-  // make_line for grad_chunk: reads the row's stats, so call it after they are final.
-  auto operator()(int64_t row, int64_t c0) const {
+  // make_block for grad_blocks: the line functor of the block at class c, whose max of z is mb.
+  // Reads the row's stats, so call it after they are final.
+  auto block(int64_t row, int64_t c, A mb) const {
     const auto cf = coefs(row);
-    // p_c = exp(x_c - max) / sum: the division folded into the coefficient (see softmax_scale)
-    const V vm(stats.max()[row]), va(cf.a * softmax_scale(stats.log_sum()[row])), vb(cf.b);
-    const A* wc = wp ? wp + c0 : nullptr;
-    const int64_t ty = y[row] - c0;  // target position within the chunk
+    // p_c = e_c * exp(mb - max) / sum: the block's factor and the division folded into one
+    // coefficient (see softmax_scale); an all -inf block has e = 0 and factor 0 (NaN in a NaN row).
+    const A scale = cf.a * softmax_scale(stats.log_sum()[row]);
+    const V vf(mb == kNegInf<A> ? scale * A(0) : std::exp(mb - stats.max()[row]) * scale), vb(cf.b);
+    const A* wc = wp ? wp + c : nullptr;
+    const int64_t ty = y[row] - c;  // target position within the block
     const A t_y = cf.t_y;
-    const Logits lg = logits;
-    return [=](int64_t i, V* v, int64_t cnt) {
-      [[maybe_unused]] V slope[kVecsPerLine<T>];
-      if constexpr (Logits::kShaped) lg.apply(v, slope);
+    return [=](int64_t i, V* v, const V* slope, int64_t cnt) {
       for (int k = 0; k < kVecsPerLine<T>; ++k) {
-        V o = (v[k] - vm).exp_u20() * va;
+        V o = v[k] * vf;
         if constexpr (S == Smooth::kUniform) o = o - vb;
         if constexpr (S == Smooth::kWeighted) {
-          const int64_t n = lanes_in<T>(cnt, k), c = i + k * kLanes<T>;
-          if (n > 0) o = o - vb * (n == kLanes<T> ? V::loadu(wc + c) : V::loadu(wc + c, n));
+          const int64_t n = lanes_in<T>(cnt, k), cc = i + k * kLanes<T>;
+          if (n > 0) o = o - vb * (n == kLanes<T> ? V::loadu(wc + cc) : V::loadu(wc + cc, n));
         }
         v[k] = o;
       }
@@ -114,8 +114,9 @@ void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>
     };
     auto run = [&](auto make_terms) {
       if (dx) {
-        const ClassRowGrad<T, S, Logits> line{y, wp, ignore_index, p, stats, nullptr, grad_all, logits};
-        row_stats_and_grad<T>(x, dx, g.outer, g.classes, make_terms, skip, finish, line, logits);
+        const ClassRowGrad<T, S, Logits> grad{y, wp, ignore_index, p, stats, nullptr, grad_all, logits};
+        auto make_block = [&](int64_t row, int64_t c, A mb) { return grad.block(row, c, mb); };
+        row_stats_and_grad<T>(x, dx, g.outer, g.classes, make_terms, skip, finish, make_block, logits);
       } else {
         row_stats<T>(x, g.outer, g.classes, make_terms, skip, finish, logits);
       }
@@ -161,7 +162,9 @@ void class_backward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T
   const A* wp = w.empty() ? nullptr : w.data();
   const ClassRowGrad<T, S, Logits> row_line{y, wp, ignore_index, p, stats, grad_rows, grad_all, logits};
   if (g.inner == 1) {
-    row_grad<T>(x, dx, dx, g.outer, g.classes, [&](int64_t row) { return row_line.ignored(row); }, row_line);
+    row_block_grad<T>(
+        x, dx, g.outer, g.classes, [&](int64_t row) { return row_line.ignored(row); },
+        [&](int64_t row, int64_t c, A mb) { return row_line.block(row, c, mb); }, logits);
     return;
   }
   if constexpr (Logits::kShaped) {

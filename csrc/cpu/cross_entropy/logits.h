@@ -47,6 +47,7 @@ struct PlainLogits {
   static constexpr bool kShaped = false;
   static constexpr bool kEntropy = false;
   A scalar(A x) const { return x; }
+  bool slope_varies() const { return false; }
   void apply(V*) const {}
 };
 
@@ -69,6 +70,9 @@ struct ShapedLogits {
   }
 
   A scalar(A x) const { return capped ? std::tanh(x * inv_cap) * z_per_tanh : x * inv_t; }
+
+  // Whether dz/dx differs per element (else it is inv_t, and the one-pass forward keeps none).
+  bool slope_varies() const { return capped; }
 
   // z in place, for the statistics pass.
   void apply(V* v) const {

@@ -159,11 +159,52 @@ struct NoTerms {
 // Accumulators per reduction: independent chains hide the latency of max and add.
 constexpr int kAcc = 4;
 
+// The max of z over one block of logits: the max of the raw logits, mapped (the maps of
+// logits.h are non-decreasing). Pass 1 of chunk_stats, and of a gradient that recomputes it.
+template <typename T, typename Logits>
+acc_t<T> block_max(const T* xb, int64_t len, const Logits& logits) {
+  using A = acc_t<T>;
+  using V = AccVec<T>;
+  constexpr int NV = kVecsPerLine<T>;
+  const int64_t full = len / (kAcc * kLine<T>) * (kAcc * kLine<T>);  // lines in groups of kAcc
+  V acc[kAcc];
+  for (auto& a : acc) a = V(kNegInf<A>);
+  for (int64_t i = 0; i < full; i += kAcc * kLine<T>) {
+    for (int u = 0; u < kAcc; ++u) {
+      prefetch(xb + i + u * kLine<T>);
+      V v[NV];
+      load_line(xb + i + u * kLine<T>, v);
+      for (int k = 0; k < NV; ++k) acc[u] = at::vec::maximum(acc[u], v[k]);
+    }
+  }
+  for_each_line<T>(len - full, [&](int64_t i, int64_t cnt) {
+    V v[NV];
+    load_line_n(xb + full + i, v, cnt);
+    for (int k = 0; k < NV; ++k) {
+      const int64_t nk = lanes_in<T>(cnt, k);
+      if (nk > 0) acc[0] = at::vec::maximum(acc[0], keep_first(v[k], nk, kNegInf<A>));
+    }
+  });
+  return logits.scalar(
+      reduce_max(at::vec::maximum(at::vec::maximum(acc[0], acc[1]), at::vec::maximum(acc[2], acc[3]))));
+}
+
+// What the statistics pass keeps of a chunk for its gradient (any may be null): each block's
+// max of z (indexed by block), and per class e = exp(z - shift of its block) and, where it
+// varies (softcap), dz/dx. The gradient then needs no exp (and no tanh) of its own: one per element.
+template <typename A>
+struct BlockOut {
+  A* maxima = nullptr;
+  A* e = nullptr;
+  A* slope = nullptr;
+};
+
 // One chunk of a row, block by block: pass 1 streams the block from memory for its max,
 // pass 2 re-reads it from L1 for the sums. One exp per element. `logits` maps the loaded
-// logits (see logits.h); Terms see the mapped ones.
+// logits (see logits.h); Terms see the mapped ones. `out`: see BlockOut.
 template <typename T, typename Terms, typename Logits = PlainLogits<T>>
-Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms, const Logits& logits = {}) {
+Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms, const Logits& logits = {},
+                              BlockOut<acc_t<T>> out = {}) {
   using A = acc_t<T>;
   using V = AccVec<T>;
   constexpr int NV = kVecsPerLine<T>;
@@ -172,26 +213,23 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms, const Logits& 
     const int64_t len = std::min(kBlock, n - b);
     const int64_t full = len / (kAcc * kLine<T>) * (kAcc * kLine<T>);  // lines in groups of kAcc
     const T* xb = x + b;
+    const A mb = block_max(xb, len, logits);
+    if (out.maxima) out.maxima[b / kBlock] = mb;
+    // Stores e (and dz/dx) of a line at class b + off for the gradient.
+    auto keep = [&](int64_t off, const V* e, const V* slope) {
+      if (!out.e) return;
+      for (int k = 0; k < NV; ++k) e[k].store(out.e + b + off + k * kLanes<T>);
+      if (out.slope) {
+        for (int k = 0; k < NV; ++k) slope[k].store(out.slope + b + off + k * kLanes<T>);
+      }
+    };
+    // z of a loaded line, with dz/dx when it is kept.
+    auto map = [&](V* v, V* slope) {
+      if constexpr (Logits::kShaped) {
+        if (out.slope) logits.apply(v, slope); else logits.apply(v);
+      }
+    };
     V acc[kAcc];
-    for (auto& a : acc) a = V(kNegInf<A>);
-    for (int64_t i = 0; i < full; i += kAcc * kLine<T>) {
-      for (int u = 0; u < kAcc; ++u) {
-        prefetch(xb + i + u * kLine<T>);
-        V v[NV];
-        load_line(xb + i + u * kLine<T>, v);
-        for (int k = 0; k < NV; ++k) acc[u] = at::vec::maximum(acc[u], v[k]);
-      }
-    }
-    for_each_line<T>(len - full, [&](int64_t i, int64_t cnt) {
-      V v[NV];
-      load_line_n(xb + full + i, v, cnt);
-      for (int k = 0; k < NV; ++k) {
-        const int64_t nk = lanes_in<T>(cnt, k);
-        if (nk > 0) acc[0] = at::vec::maximum(acc[0], keep_first(v[k], nk, kNegInf<A>));
-      }
-    });
-    const A mb = logits.scalar(
-        reduce_max(at::vec::maximum(at::vec::maximum(acc[0], acc[1]), at::vec::maximum(acc[2], acc[3]))));
     // One shift for the exp and the linear sums (see Partial): an all -inf block adds
     // exp(-inf) = 0; a block whose max is +inf or NaN makes its row NaN (row_lse) anyway.
     const V shift(shift_of(mb));
@@ -203,28 +241,33 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms, const Logits& 
         // Fetch the next block while this one is busy with exp, so that pass 1 of the
         // next block finds it in cache.
         prefetch_ahead(xb + off, kBlock * int64_t(sizeof(T)));
-        V v[NV];
+        V v[NV], e[NV], slope[NV];
         load_line(xb + off, v);
-        logits.apply(v);
+        map(v, slope);
         for (int k = 0; k < NV; ++k) {
-          const V d = v[k] - shift, e = d.exp_u20();
-          acc[u] += e;
-          if constexpr (Logits::kEntropy) hacc += entropy_term(e, d);
+          const V d = v[k] - shift;
+          e[k] = d.exp_u20();
+          acc[u] += e[k];
+          if constexpr (Logits::kEntropy) hacc += entropy_term(e[k], d);
         }
+        keep(off, e, slope);
         terms.add(v, b + off, kLine<T>, shift);
       }
     }
     for_each_line<T>(len - full, [&](int64_t i, int64_t cnt) {
-      V v[NV];
+      V v[NV], e[NV], slope[NV];
       load_line_n(xb + full + i, v, cnt);
-      logits.apply(v);
+      map(v, slope);
       for (int k = 0; k < NV; ++k) {
+        const V d = v[k] - shift;
+        e[k] = d.exp_u20();  // lanes past cnt are kept too (the scratch is padded), never summed
         const int64_t nk = lanes_in<T>(cnt, k);
         if (nk == 0) continue;
-        const V d = v[k] - shift, e = keep_first(d.exp_u20(), nk, A(0));
-        acc[0] += e;
-        if constexpr (Logits::kEntropy) hacc += keep_first(entropy_term(e, d), nk, A(0));
+        const V ek = keep_first(e[k], nk, A(0));
+        acc[0] += ek;
+        if constexpr (Logits::kEntropy) hacc += keep_first(entropy_term(ek, d), nk, A(0));
       }
+      keep(full + i, e, slope);
       terms.add(v, b + full + i, cnt, shift);
     });
     Partial<A> blk;
@@ -237,19 +280,25 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms, const Logits& 
   return part;
 }
 
+inline int64_t blocks_of(int64_t classes) { return ceil_div(classes, kBlock); }
+
 // Runs chunk_stats over every (row, chunk) in parallel, then merges each row's chunks in
 // order and hands (row, merged partial) to `finish`.
+// maxima: null, or rows x blocks_of(classes) block maxima kept for a gradient (BlockOut).
 template <typename T, typename MakeTerms, typename Skip, typename Finish, typename Logits = PlainLogits<T>>
 void row_stats(const T* x, int64_t rows, int64_t classes, MakeTerms make_terms, Skip skip, Finish finish,
-               const Logits& logits = {}) {
+               const Logits& logits = {}, acc_t<T>* maxima = nullptr) {
   using A = acc_t<T>;
-  const int64_t nchunks = std::max<int64_t>(1, ceil_div(classes, kChunk));
+  const int64_t nchunks = std::max<int64_t>(1, ceil_div(classes, kChunk)), nblocks = blocks_of(classes);
   std::vector<Partial<A>> parts(rows * nchunks);
   at::parallel_for(0, rows * nchunks, grain_for(std::min(classes, kChunk)), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / nchunks, c0 = (task % nchunks) * kChunk;
       if (skip(row) || c0 >= classes) continue;
-      parts[task] = chunk_stats<T>(x + row * classes + c0, std::min(kChunk, classes - c0), make_terms(row, c0), logits);
+      BlockOut<A> out;
+      if (maxima) out.maxima = maxima + row * nblocks + c0 / kBlock;
+      parts[task] =
+          chunk_stats<T>(x + row * classes + c0, std::min(kChunk, classes - c0), make_terms(row, c0), logits, out);
     }
   });
   at::parallel_for(0, rows, grain_for(nchunks * 8), [&](int64_t begin, int64_t end) {
@@ -263,6 +312,13 @@ void row_stats(const T* x, int64_t rows, int64_t classes, MakeTerms make_terms, 
       finish(row, p, shift_of(p.m));
     }
   });
+}
+
+// Zeros for n classes of `out` (ignored rows), streamed where aligned.
+template <typename T>
+inline void zero_fill(T* out, int64_t n) {
+  const AccVec<T> zeros[kVecsPerLine<T>] = {};
+  for_each_aligned_line(out, n, [&](int64_t i, int64_t cnt) { store_or_stream(out + i, zeros, cnt); });
 }
 
 // The gradient of one chunk of a row: n classes from class c0. make_line(row, c0) returns
@@ -282,8 +338,7 @@ __attribute__((flatten)) inline void grad_chunk(const T* x, T* out, const T* ali
   using V = AccVec<T>;
   const int64_t n = std::min(kChunk, classes - c0), off = row * classes + c0;
   if (zero) {
-    const V zeros[kVecsPerLine<T>] = {};
-    for_each_aligned_line(align + off, n, [&](int64_t i, int64_t cnt) { store_or_stream(out + off + i, zeros, cnt); });
+    zero_fill(out + off, n);
     return;
   }
   auto line = make_line(row, c0);
@@ -310,39 +365,126 @@ void row_grad(const T* x, T* out, const T* align, int64_t rows, int64_t classes,
   });
 }
 
-// row_stats, then row_grad, in one pass when rows are many: each task takes whole rows and
-// computes a row's gradient right after its statistics, while the row is still in cache
-// (one read of the logits from memory, one write of the gradient). The statistics are merged
-// chunk by chunk in the same order either way, so the bits do not depend on the path taken
-// or on the thread count. `finish` must have stored what make_line(row, ...) reads.
-template <typename T, typename MakeTerms, typename Skip, typename Finish, typename MakeLine,
+// ---------------------------------------------------------------------------------
+// Gradients from block-relative exponentials (class-index targets)
+//
+// A block's softmax is e_c * f with e_c = exp(z_c - shift of the block's max mb) and one
+// factor f = exp(mb - m) * (the row's coefficient) per block: e_c is what the statistics pass
+// already computed, so the one-pass forward keeps it (L2) and spends one exp per element.
+// Every path computes e_c the same way (kept, or recomputed from the logits with the block's
+// max kept or found again), so the bits do not depend on the path or the thread count.
+
+// Where a gradient takes each block's e (and dz/dx) from: all null, it recomputes them from
+// the logits, finding each block's max with a pass of its own.
+template <typename A>
+struct BlockIn {
+  const A* maxima = nullptr;  // per block of the row
+  const A* e = nullptr;       // per class of the row
+  const A* slope = nullptr;   // per class; null with e: shaped logits' constant slope
+};
+
+// The gradient of classes [c0, c0 + n) of one row (x and out at the row's start; c0 a
+// multiple of kBlock). make_block(c, mb) returns, for the block at class c with max mb, a
+// functor line(i, e, slope, cnt) that turns the e of the line at class c + i into its
+// gradient. ahead: prefetch distance (elements) in the logits (see grad_chunk).
+template <typename T, typename Logits, typename MakeBlock>
+__attribute__((flatten)) inline void grad_blocks(const T* x, T* out, int64_t c0, int64_t n, BlockIn<acc_t<T>> in,
+                                                 const Logits& logits, const MakeBlock& make_block, int64_t ahead) {
+  using A = acc_t<T>;
+  using V = AccVec<T>;
+  constexpr int NV = kVecsPerLine<T>;
+  for (int64_t b = c0; b < c0 + n; b += kBlock) {
+    const int64_t len = std::min(kBlock, c0 + n - b);
+    const A mb = in.maxima ? in.maxima[b / kBlock] : block_max(x + b, len, logits);
+    const V shift(shift_of(mb));
+    const auto line = make_block(b, mb);
+    for_each_aligned_line(out + b, len, [&](int64_t i, int64_t cnt) {
+      __builtin_prefetch(x + b + i + ahead, 0, 3);
+      V e[NV], slope[NV];
+      if (in.e) {
+        for (int k = 0; k < NV; ++k) e[k] = V::loadu(in.e + b + i + k * kLanes<T>);
+        if constexpr (Logits::kShaped) {
+          for (int k = 0; k < NV; ++k) slope[k] = in.slope ? V::loadu(in.slope + b + i + k * kLanes<T>) : V(logits.inv_t);
+        }
+      } else {
+        load_line_n(x + b + i, e, cnt);
+        if constexpr (Logits::kShaped) logits.apply(e, slope);
+        for (int k = 0; k < NV; ++k) e[k] = (e[k] - shift).exp_u20();
+      }
+      line(i, e, slope, cnt);
+      store_or_stream(out + b + i, e, cnt);
+    });
+  }
+}
+
+// Every row's gradient, (row, chunk) tasks in parallel, e recomputed; maxima: the forward's
+// block maxima (rows x blocks_of(classes)) or null to find them again.
+template <typename T, typename Zero, typename MakeBlock, typename Logits>
+void row_block_grad(const T* x, T* out, int64_t rows, int64_t classes, Zero zero, const MakeBlock& make_block,
+                    const Logits& logits, const acc_t<T>* maxima = nullptr) {
+  const int64_t nchunks = std::max<int64_t>(1, ceil_div(classes, kChunk)), nblocks = blocks_of(classes);
+  at::parallel_for(0, rows * nchunks, grain_for(std::min(classes, kChunk)), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row = task / nchunks, c0 = (task % nchunks) * kChunk;
+      if (c0 >= classes) continue;
+      const int64_t n = std::min(kChunk, classes - c0);
+      if (zero(row)) {
+        zero_fill(out + row * classes + c0, n);
+        continue;
+      }
+      BlockIn<acc_t<T>> in;
+      if (maxima) in.maxima = maxima + row * nblocks;
+      grad_blocks(x + row * classes, out + row * classes, c0, n, in, logits,
+                  [&](int64_t c, acc_t<T> mb) { return make_block(row, c, mb); },
+                  kPrefetchBytes / int64_t(sizeof(T)));
+    }
+    stream_fence();
+  });
+}
+
+// row_stats, then the gradient, in one pass when rows are many: each task takes whole rows and
+// computes a row's gradient right after its statistics, from the block maxima and e the
+// statistics pass kept in a per-task scratch (the row's e fits in L2: 128 KB for 32k float
+// classes), while prefetching the next row: one read of the logits from memory, one exp per
+// element, one write of the gradient. Too few rows to share out: row_stats keeps the block
+// maxima and row_block_grad recomputes e from them. `finish` must have stored what
+// make_block(row, ...) reads.
+template <typename T, typename MakeTerms, typename Skip, typename Finish, typename MakeBlock,
           typename Logits = PlainLogits<T>>
 void row_stats_and_grad(const T* x, T* out, int64_t rows, int64_t classes, MakeTerms make_terms, Skip skip,
-                        Finish finish, MakeLine make_line, const Logits& logits = {}) {
+                        Finish finish, const MakeBlock& make_block, const Logits& logits = {}) {
   using A = acc_t<T>;
+  const int64_t nblocks = blocks_of(classes);
   if (rows < 4 * int64_t(at::get_num_threads()) || classes == 0) {  // too few rows to share out: split them
-    row_stats<T>(x, rows, classes, make_terms, skip, finish, logits);
-    row_grad<T>(x, out, out, rows, classes, skip, make_line);
+    std::vector<A> maxima(std::max<int64_t>(1, rows * nblocks));
+    row_stats<T>(x, rows, classes, make_terms, skip, finish, logits, maxima.data());
+    row_block_grad<T>(x, out, rows, classes, skip, make_block, logits, maxima.data());
     return;
   }
   at::parallel_for(0, rows, grain_for(classes), [&](int64_t begin, int64_t end) {
+    const int64_t padded = classes + kLine<T>;  // whole vectors are kept, past the row's end too
+    std::vector<A> maxima(nblocks), e(padded), slope(logits.slope_varies() ? padded : 0);
+    A* slope_p = logits.slope_varies() ? slope.data() : nullptr;
     for (int64_t row = begin; row < end; ++row) {
-      const bool skipped = skip(row);
-      if (skipped) {
-        finish(row, Partial<A>{}, A(0));
-      } else {
-        const T* xr = x + row * classes;
-        Partial<A> p = chunk_stats<T>(xr, std::min(kChunk, classes), make_terms(row, 0), logits);
-        for (int64_t c0 = kChunk; c0 < classes; c0 += kChunk) {
-          p.merge(chunk_stats<T>(xr + c0, std::min(kChunk, classes - c0), make_terms(row, c0), logits));
-        }
-        finish(row, p, shift_of(p.m));
-      }
+      const T* xr = x + row * classes;
+      T* outr = out + row * classes;
       // Prefetch the next row while this one's gradient is written (not past the input's end).
       const int64_t ahead = row + 1 < rows ? classes : kPrefetchBytes / int64_t(sizeof(T));
-      for (int64_t c0 = 0; c0 < classes; c0 += kChunk) {
-        grad_chunk(x, out, out, row, classes, c0, skipped, make_line, ahead);
+      if (skip(row)) {
+        finish(row, Partial<A>{}, A(0));
+        zero_fill(outr, classes);
+        continue;
       }
+      auto kept = [&](int64_t c0) {
+        return BlockOut<A>{maxima.data() + c0 / kBlock, e.data() + c0, slope_p ? slope_p + c0 : nullptr};
+      };
+      Partial<A> p = chunk_stats<T>(xr, std::min(kChunk, classes), make_terms(row, 0), logits, kept(0));
+      for (int64_t c0 = kChunk; c0 < classes; c0 += kChunk) {
+        p.merge(chunk_stats<T>(xr + c0, std::min(kChunk, classes - c0), make_terms(row, c0), logits, kept(c0)));
+      }
+      finish(row, p, shift_of(p.m));
+      const BlockIn<A> in{maxima.data(), e.data(), slope_p};
+      grad_blocks(xr, outr, 0, classes, in, logits, [&](int64_t c, A mb) { return make_block(row, c, mb); }, ahead);
     }
     stream_fence();
   });
