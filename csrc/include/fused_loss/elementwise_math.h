@@ -3,10 +3,11 @@
 //
 // Every function is a template over V: a scalar (float/double, host or device) or a CPU
 // vector (at::vec::Vectorized<float/double>). A backend provides the primitives for its V:
-//   fl_exp, fl_log1p, fl_abs, fl_max, fl_min, fl_sign, fl_where_ge0(c, a, b) = c >= 0 ? a : b,
+//   fl_exp, fl_abs, fl_max, fl_min, fl_sign, fl_where_ge0(c, a, b) = c >= 0 ? a : b,
 //   fl_where_lt(c, d, a, b) = c < d ? a : b, fl_where_le(c, d, a, b) = c <= d ? a : b,
-//   fl_pow(x, p) with p a scalar.
-// fl_exp must return NaN for NaN, as std::exp does.
+//   fl_pow(x, p) with p a scalar, and fl_log1p_01(x): log1p for x in [0, 1] or NaN only (the
+//   losses take it of exp(-|x|)), where a backend may use a cheaper form (a few float eps).
+// fl_exp and fl_log1p_01 must return NaN for NaN, as std::exp does.
 // The scalar primitives are defined here; csrc/cpu/vec_math.h declares the vector ones and
 // must be included before this header (unqualified calls in templates see the overloads
 // declared before them).
@@ -22,7 +23,7 @@ namespace fused_loss {
 template <typename S>
 FL_HOST_DEVICE S fl_exp(S x) { return std::exp(x); }
 template <typename S>
-FL_HOST_DEVICE S fl_log1p(S x) { return std::log1p(x); }
+FL_HOST_DEVICE S fl_log1p_01(S x) { return std::log1p(x); }
 template <typename S>
 FL_HOST_DEVICE S fl_abs(S x) { return x < S(0) ? -x : x; }
 template <typename S>
@@ -78,7 +79,7 @@ struct BceWithLogits {
   FL_HOST_DEVICE static V exp_neg_abs(V x) { return fl_exp(V(0) - fl_abs(x)); }
   template <typename V>
   FL_HOST_DEVICE static V loss_from(const ElemArgs<V>& a, V e) {
-    const V sp = fl_log1p(e) + fl_max(V(0) - a.x, V(0));
+    const V sp = fl_log1p_01(e) + fl_max(V(0) - a.x, V(0));
     const V lw = V(1) + (a.pw - V(1)) * a.y;
     return a.w * ((V(1) - a.y) * a.x + lw * sp);
   }
@@ -100,7 +101,7 @@ struct BceWithLogits {
   template <typename V>
   FL_HOST_DEVICE V grad_target(const ElemArgs<V>& a) const {
     if (!has_pos_weight) return a.w * (V(0) - a.x);
-    const V l = fl_log1p(exp_neg_abs(a.x));
+    const V l = fl_log1p_01(exp_neg_abs(a.x));
     return a.w * (fl_where_ge0(a.x, V(0) - a.x, V(0) - a.pw * a.x) + (a.pw - V(1)) * l);
   }
 };
@@ -199,7 +200,7 @@ struct SigmoidFocal {
   FL_HOST_DEVICE Terms<V> terms(const ElemArgs<V>& a) const {
     const V e = fl_exp(V(0) - fl_abs(a.x));
     const V s = fl_where_ge0(a.x, V(1), e) / (V(1) + e);  // sigmoid(x)
-    const V ce = (V(1) - a.y) * a.x + fl_log1p(e) + fl_max(V(0) - a.x, V(0));
+    const V ce = (V(1) - a.y) * a.x + fl_log1p_01(e) + fl_max(V(0) - a.x, V(0));
     const V m = V(1) - (s * a.y + (V(1) - s) * (V(1) - a.y));
     return {s, ce, m, alpha_t(a.y)};
   }
