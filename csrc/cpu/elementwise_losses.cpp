@@ -136,7 +136,6 @@ void for_each_line(const T* x, const T* y, const Operand<T>& w, const Operand<T>
                    F f) {
   using V = AccVec<T>;
   constexpr int64_t L = kLine<T>;
-  constexpr int64_t ahead = kPrefetchBytes / int64_t(sizeof(T));
   for (int64_t s = begin; s < end;) {
     const int64_t e = std::min({end, w.run_end(s), pw.run_end(s)});
     const SegmentOperand<T> ws(w, s), pws(pw, s);
@@ -156,12 +155,7 @@ void for_each_line(const T* x, const T* y, const Operand<T>& w, const Operand<T>
     };
     int64_t i = std::min(e, (s + L - 1) / L * L);  // first grid point
     if (i > s) line(s, i - s);
-    for (; i + L <= e; i += L) {
-      // Two cores computing exp do not keep enough reads in flight without help.
-      __builtin_prefetch(x + i + ahead, 0, 3);
-      __builtin_prefetch(y + i + ahead, 0, 3);
-      line(i, L);
-    }
+    for (; i + L <= e; i += L) line(i, L);  // (software prefetch measured no gain here)
     if (i < e) line(i, e - i);
     s = e;
   }
