@@ -41,23 +41,31 @@ TORCH_LIBRARY(fused_loss, m) {
       "int reduction, float label_smoothing, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
 
   // Elementwise losses. Forward returns the loss (per element for reduction 0, else a
-  // scalar); backward returns (grad_input, grad_target), each empty when not asked for.
+  // scalar) and, when compute_grad is set and the reduction is 1 or 2, the input's gradient for
+  // an upstream gradient of 1, written in the same pass (otherwise an empty tensor); backward
+  // returns (grad_input, grad_target), each empty when not asked for.
   m.def(
       "binary_cross_entropy_with_logits_forward(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
-      "int reduction) -> Tensor");
+      "int reduction, bool compute_grad) -> (Tensor loss, Tensor grad)");
   m.def(
       "binary_cross_entropy_with_logits_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, "
       "Tensor? pos_weight, int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
-  m.def("smooth_l1_loss_forward(Tensor input, Tensor target, int reduction, float beta) -> Tensor");
+  m.def(
+      "smooth_l1_loss_forward(Tensor input, Tensor target, int reduction, float beta, bool compute_grad) -> "
+      "(Tensor loss, Tensor grad)");
   m.def(
       "smooth_l1_loss_backward(Tensor grad, Tensor input, Tensor target, int reduction, float beta, bool input_grad, "
       "bool target_grad) -> (Tensor, Tensor)");
-  m.def("huber_loss_forward(Tensor input, Tensor target, Tensor? weight, int reduction, float delta) -> Tensor");
+  m.def(
+      "huber_loss_forward(Tensor input, Tensor target, Tensor? weight, int reduction, float delta, "
+      "bool compute_grad) -> (Tensor loss, Tensor grad)");
   m.def(
       "huber_loss_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, int reduction, float delta, "
       "bool input_grad, "
       "bool target_grad) -> (Tensor, Tensor)");
-  m.def("sigmoid_focal_loss_forward(Tensor input, Tensor target, int reduction, float alpha, float gamma) -> Tensor");
+  m.def(
+      "sigmoid_focal_loss_forward(Tensor input, Tensor target, int reduction, float alpha, float gamma, "
+      "bool compute_grad) -> (Tensor loss, Tensor grad)");
   m.def(
       "sigmoid_focal_loss_backward(Tensor grad, Tensor input, Tensor target, int reduction, float alpha, float gamma, "
       "bool input_grad, bool target_grad) -> (Tensor, Tensor)");

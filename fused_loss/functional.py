@@ -157,6 +157,13 @@ def _check_floating_input(input: Tensor, name: str):
         raise NotImplementedError(f"fused_loss.{name}: expected a floating point input, got {input.dtype}")
 
 
+def _in_pass_grad(input: Tensor) -> bool:
+    """Whether an elementwise loss's forward should also write the input's gradient (used when
+    the reduction is 'mean' or 'sum'): when it will be needed, and not under torch.compile,
+    where the backward recomputes it (no host read of the upstream gradient)."""
+    return input.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def binary_cross_entropy_with_logits(
     input: Tensor,
     target: Tensor,
@@ -190,7 +197,9 @@ def binary_cross_entropy_with_logits(
             dtype = torch.promote_types(dtype, w.dtype)
     weight = None if weight is None else weight.to(dtype)
     pos_weight = None if pos_weight is None else pos_weight.to(dtype)
-    loss = ops.binary_cross_entropy_with_logits_forward(input.to(dtype), target.to(dtype), weight, pos_weight, red)
+    input = input.to(dtype)
+    loss = ops.binary_cross_entropy_with_logits_forward(input, target.to(dtype), weight, pos_weight, red,
+                                                        _in_pass_grad(input))[0]
     return loss.to(target.dtype)
 
 
@@ -228,7 +237,7 @@ def smooth_l1_loss(
     input, target = _broadcast_like_torch(input.to(dtype), target.to(dtype))
     if beta < 0:
         raise RuntimeError("smooth_l1_loss does not support negative values for beta.")
-    return ops.smooth_l1_loss_forward(input, target, red, float(beta))
+    return ops.smooth_l1_loss_forward(input, target, red, float(beta), _in_pass_grad(input))[0]
 
 
 def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: float = 1.0,
@@ -253,7 +262,9 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: fl
         raise RuntimeError("huber_loss does not support non-positive values for delta.")
     if weight is not None:
         weight = weight.to(dtype)
-    return ops.huber_loss_forward(input, target, weight, red, float(delta)).to(out_dtype)
+    # A weight that needs a gradient takes every gradient from the composition (ops.py).
+    compute_grad = _in_pass_grad(input) and not (weight is not None and weight.requires_grad)
+    return ops.huber_loss_forward(input, target, weight, red, float(delta), compute_grad)[0].to(out_dtype)
 
 
 def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
@@ -271,5 +282,6 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
     if not targets.dtype.is_floating_point:  # torchvision's formula fails there too (inside BCE)
         raise RuntimeError(f"fused_loss.sigmoid_focal_loss: expected floating point targets, got {targets.dtype}")
     dtype = torch.promote_types(inputs.dtype, targets.dtype)
-    return ops.sigmoid_focal_loss_forward(inputs.to(dtype), targets.to(dtype), REDUCTIONS[reduction], float(alpha),
-                                          float(gamma))
+    inputs = inputs.to(dtype)
+    return ops.sigmoid_focal_loss_forward(inputs, targets.to(dtype), REDUCTIONS[reduction], float(alpha), float(gamma),
+                                          _in_pass_grad(inputs))[0]

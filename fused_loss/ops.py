@@ -242,19 +242,24 @@ register_autograd("fused_loss::cross_entropy_prob_backward", _ce_prob_grad_backw
 
 
 # --- elementwise losses ----------------------------------------------------------------------
-# Each has <name>_forward(input, target, <tensor operands>, reduction, <params>) -> loss and
-# <name>_backward(grad, input, target, <tensor operands>, reduction, <params>, input_grad,
-# target_grad) -> (grad_input, grad_target).
+# Each has <name>_forward(input, target, <tensor operands>, reduction, <params>, compute_grad)
+# -> (loss, grad) and <name>_backward(grad, input, target, <tensor operands>, reduction,
+# <params>, input_grad, target_grad) -> (grad_input, grad_target). The forward's grad is the
+# input's gradient for an upstream gradient of 1, written in the loss's pass (compute_grad with
+# reduction mean or sum; otherwise empty).
 
-def _elementwise_fake_forward(input, target, reduction):
+def _elementwise_fake_forward(input, target, reduction, compute_grad):
     torch._check(input.dtype.is_floating_point, lambda: f"expected a floating point input, got {input.dtype}")
     torch._check(target.shape == input.shape, lambda: "target must have the input's shape")
-    return input.new_empty(input.shape if reduction == 0 else ())
+    loss = input.new_empty(input.shape if reduction == 0 else ())
+    in_pass = compute_grad and reduction != 0
+    grad = torch.empty_like(input, memory_format=torch.contiguous_format) if in_pass else input.new_empty((0,))
+    return loss, grad
 
 
 @register_fake("fused_loss::binary_cross_entropy_with_logits_forward")
-def _(input, target, weight, pos_weight, reduction):
-    return _elementwise_fake_forward(input, target, reduction)
+def _(input, target, weight, pos_weight, reduction, compute_grad):
+    return _elementwise_fake_forward(input, target, reduction, compute_grad)
 
 
 @register_fake("fused_loss::binary_cross_entropy_with_logits_backward")
@@ -263,8 +268,8 @@ def _(grad, input, target, weight, pos_weight, reduction, input_grad, target_gra
 
 
 @register_fake("fused_loss::smooth_l1_loss_forward")
-def _(input, target, reduction, beta):
-    return _elementwise_fake_forward(input, target, reduction)
+def _(input, target, reduction, beta, compute_grad):
+    return _elementwise_fake_forward(input, target, reduction, compute_grad)
 
 
 @register_fake("fused_loss::smooth_l1_loss_backward")
@@ -273,8 +278,8 @@ def _(grad, input, target, reduction, beta, input_grad, target_grad):
 
 
 @register_fake("fused_loss::huber_loss_forward")
-def _(input, target, weight, reduction, delta):
-    return _elementwise_fake_forward(input, target, reduction)
+def _(input, target, weight, reduction, delta, compute_grad):
+    return _elementwise_fake_forward(input, target, reduction, compute_grad)
 
 
 @register_fake("fused_loss::huber_loss_backward")
@@ -283,8 +288,8 @@ def _(grad, input, target, weight, reduction, delta, input_grad, target_grad):
 
 
 @register_fake("fused_loss::sigmoid_focal_loss_forward")
-def _(input, target, reduction, alpha, gamma):
-    return _elementwise_fake_forward(input, target, reduction)
+def _(input, target, reduction, alpha, gamma, compute_grad):
+    return _elementwise_fake_forward(input, target, reduction, compute_grad)
 
 
 @register_fake("fused_loss::sigmoid_focal_loss_backward")
@@ -294,29 +299,43 @@ def _(grad, input, target, reduction, alpha, gamma, input_grad, target_grad):
 
 def _register_elementwise_autograd(name: str, n_tensors: int):
     """Autograd for <name>_forward and <name>_backward, whose first n_tensors arguments are
-    tensors (input, target, then optional weights) and the rest plain options. A weight that
-    needs a gradient (Huber's; torch refuses it for BCE before any op is called) gets all
-    gradients from the composition."""
+    tensors (input, target, then optional weights) and the rest plain options (the forward's
+    last one is compute_grad). A weight that needs a gradient (Huber's; torch refuses it for
+    BCE before any op is called) gets all gradients from the composition."""
     backward_op = getattr(ops, f"{name}_backward")
     loss_fn = getattr(composite, f"{name}_forward")
 
     def setup_context(ctx, inputs, output):
+        _, grad = output
+        ctx.mark_non_differentiable(grad)
+        ctx.set_materialize_grads(False)  # no zero-filled "gradient" of the grad output
         ctx.save_for_backward(*inputs[:n_tensors])
-        ctx.options = inputs[n_tensors:]
+        ctx.options = inputs[n_tensors:-1]  # reduction and parameters (not compute_grad)
+        # The in-pass gradient, handed out at most once (see _ce_setup_context).
+        ctx.in_pass_grad = grad if grad.numel() > 0 else None
 
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_grad):
+        in_pass, ctx.in_pass_grad = ctx.in_pass_grad, None  # never handed out or read twice
+        nones = [None] * (len(ctx.needs_input_grad) - 2)
+        if grad is None:  # no gradient reached the loss (grads are not materialised)
+            return (None, None, *nones)
         tensors = ctx.saved_tensors
-        none = [None] * (len(ctx.needs_input_grad) - n_tensors)
         if any(ctx.needs_input_grad[2:n_tensors]):
             grads = composite.vjp(lambda *ts: loss_fn(*ts, *ctx.options), list(tensors),
                                   list(ctx.needs_input_grad[:n_tensors]), grad)
-            return (*grads, *none)
-        none = [None] * (len(ctx.needs_input_grad) - 2)
+            return (*grads, *[None] * (len(ctx.needs_input_grad) - n_tensors))
         need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_input or need_target):
-            return (None, None, *none)
-        dx, dt = backward_op(grad, *tensors, *ctx.options, need_input, need_target)
-        return (dx if need_input else None, dt if need_target else None, *none)
+        # The forward's gradient as it is, for an upstream gradient of exactly 1 outside
+        # create_graph (as cross-entropy); anything else is recomputed by the backward op.
+        dx = dt = None
+        if need_input and in_pass is not None and not torch.is_grad_enabled() and _is_exactly_one(grad):
+            dx = in_pass
+        recompute = need_input and dx is None
+        if recompute or need_target:
+            gx, gt = backward_op(grad, *tensors, *ctx.options, recompute, need_target)
+            dx = gx if recompute else dx
+            dt = gt if need_target else None
+        return (dx, dt, *nones)
 
     register_autograd(f"fused_loss::{name}_forward", backward, setup_context=setup_context)
 

@@ -68,12 +68,14 @@ def _elementwise_samples(requires_grad):
     ]
 
 
+@pytest.mark.parametrize("compute_grad", [False, True])
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_elementwise_losses(requires_grad):
+def test_opcheck_elementwise_losses(requires_grad, compute_grad):
     for name, tensors, reduction, params in _elementwise_samples(requires_grad):
         fwd, bwd = getattr(ops, f"{name}_forward"), getattr(ops, f"{name}_backward")
-        torch.library.opcheck(fwd, (*tensors, reduction, *params))
-        loss = fwd(*tensors, reduction, *params)
+        torch.library.opcheck(fwd, (*tensors, reduction, *params, compute_grad))
+        loss, grad = fwd(*tensors, reduction, *params, compute_grad)
+        assert grad.numel() == (tensors[0].numel() if compute_grad and reduction != 0 else 0)
         detached = tuple(t.detach() if torch.is_tensor(t) else t for t in tensors)
         for flags in [(True, True), (True, False), (False, True)]:
             torch.library.opcheck(bwd, (torch.ones_like(loss), *detached, reduction, *params, *flags))

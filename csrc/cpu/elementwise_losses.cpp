@@ -2,8 +2,11 @@
 // loss, each one pass over input and target.
 //
 // Forward reads input and target once and writes either the per-element loss ('none') or
-// nothing but per-chunk partial sums ('mean', 'sum'). Backward reads them once more and writes
-// the gradients; no other tensor of the input's size is made. The per-element math lives in
+// per-chunk partial sums ('mean', 'sum'); for those two, when the input will need a gradient,
+// it also writes d loss / d input (upstream gradient 1) in the same pass, so that training
+// reads the inputs once and writes the gradient once. Backward (any other upstream gradient,
+// the target's gradient, 'none') reads them once more and writes the gradients; no other
+// tensor of the input's size is made. The per-element math lives in
 // csrc/include/fused_loss/elementwise_math.h (shared with CUDA); this file only walks memory.
 //
 // Broadcast operands (weight, pos_weight) are read in place: for a contiguous input of n
@@ -99,29 +102,67 @@ struct SegmentOperand {
     if (op.varies() && op.repeat == 1) ptr = op.data + idx;
     else value = AccVec<T>(static_cast<acc_t<T>>(op.data[idx]));
   }
-  AccVec<T> at(int64_t off, int64_t cnt) const { return ptr ? load_vec(ptr + off, cnt) : value; }
+  AccVec<T> at(int64_t off, int64_t cnt) const { return ptr && cnt > 0 ? load_vec(ptr + off, cnt) : value; }
 };
 
-// Walks [begin, end) in segments over which both operands are constant or contiguous and
-// calls f(i, cnt, args) for each vector of `cnt` elements starting at element i.
+// Lanes of vector k of a line of `cnt` elements that hold data.
+template <typename T>
+inline int64_t lanes_in(int64_t cnt, int k) {
+  return std::min<int64_t>(std::max<int64_t>(cnt - k * kLanes<T>, 0), kLanes<T>);
+}
+
+// Whether full lines of a gradient `out` of n elements are stored non-temporally: it is
+// written once and not read back by this pass; streaming saves the read-for-ownership of
+// each line. A small one is left in cache for whoever reads it next.
+constexpr int64_t kStreamMinBytes = int64_t(4) << 20;
+
+template <typename T>
+bool streams(const T* out, int64_t n) {
+  return out && n * int64_t(sizeof(T)) >= kStreamMinBytes && reinterpret_cast<uintptr_t>(out) % kLineBytes<T> == 0;
+}
+
+template <typename T>
+inline void put_line(T* p, const AccVec<T>* v, int64_t cnt, bool stream) {
+  if (stream && cnt == kLine<T>) stream_line(p, v); else store_line(p, v, cnt);
+}
+
+// Calls f(i, cnt, args) for [begin, end) line by line: args[k] holds vector k of the cnt
+// elements from element i. Lines lie on a grid of kLine<T> elements from element 0, so the
+// full lines of an aligned output are aligned for stream_line; a line across the end of an
+// operand's run (a row of a class weight) is cut there into pieces of cnt < kLine<T>. The
+// grid, not an address, decides the pieces, so sums do not depend on where memory lies.
 template <typename T, typename F>
-void for_each_vector(const T* x, const T* y, const Operand<T>& w, const Operand<T>& pw, int64_t begin, int64_t end,
-                     F f) {
+void for_each_line(const T* x, const T* y, const Operand<T>& w, const Operand<T>& pw, int64_t begin, int64_t end,
+                   F f) {
   using V = AccVec<T>;
+  constexpr int64_t L = kLine<T>;
   for (int64_t s = begin; s < end;) {
     const int64_t e = std::min({end, w.run_end(s), pw.run_end(s)});
     const SegmentOperand<T> ws(w, s), pws(pw, s);
-    for (int64_t i = s; i < e; i += kLanes<T>) {
-      const int64_t cnt = std::min(kLanes<T>, e - i);
-      const ElemArgs<V> args{load_vec(x + i, cnt), load_vec(y + i, cnt), ws.at(i - s, cnt), pws.at(i - s, cnt)};
+    auto line = [&](int64_t i, int64_t cnt) {
+      V xv[kVecsPerLine<T>], yv[kVecsPerLine<T>];
+      if (cnt == L) {
+        load_line(x + i, xv), load_line(y + i, yv);
+      } else {
+        load_line(x + i, xv, cnt), load_line(y + i, yv, cnt);
+      }
+      ElemArgs<V> args[kVecsPerLine<T>];
+      for (int k = 0; k < kVecsPerLine<T>; ++k) {
+        const int64_t off = i - s + k * kLanes<T>, nk = lanes_in<T>(cnt, k);
+        args[k] = {xv[k], yv[k], ws.at(off, nk), pws.at(off, nk)};
+      }
       f(i, cnt, args);
-    }
+    };
+    int64_t i = std::min(e, (s + L - 1) / L * L);  // first grid point
+    if (i > s) line(s, i - s);
+    for (; i + L <= e; i += L) line(i, L);  // (software prefetch measured no gain here)
+    if (i < e) line(i, e - i);
     s = e;
   }
 }
 
-// Input, target and operands of one call, walked chunk by chunk: f(chunk, i, cnt, args) for
-// every vector, chunks in parallel, each chunk's vectors in order.
+// Input, target and operands of one call, walked in fixed chunks of kChunk elements (the unit
+// of parallel work and of partial sums): bitwise the same results for any number of threads.
 template <typename T>
 struct ElementwiseInputs {
   at::Tensor x, y, keep_w, keep_pw;
@@ -137,42 +178,79 @@ struct ElementwiseInputs {
     chunks = (n + kChunk - 1) / kChunk;
   }
 
+  // f(chunk, begin, end) for every chunk, in parallel.
   template <typename F>
   void parallel_chunks(F f) const {
-    const T* xp = x.data_ptr<T>();
-    const T* yp = y.data_ptr<T>();
     at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) {
-        for_each_vector<T>(xp, yp, w, pw, c * kChunk, std::min(n, (c + 1) * kChunk),
-                           [&](int64_t i, int64_t cnt, const ElemArgs<AccVec<T>>& a) { f(c, i, cnt, a); });
-      }
+      for (int64_t c = b; c < e; ++c) f(c, c * kChunk, std::min(n, (c + 1) * kChunk));
+      stream_fence();  // this thread's streamed lines, before anyone reads the gradient
     });
+  }
+  // f(i, cnt, args) for the lines of [begin, end) in order (see for_each_line).
+  template <typename F>
+  void lines(int64_t begin, int64_t end, F f) const {
+    for_each_line<T>(x.data_ptr<T>(), y.data_ptr<T>(), w, pw, begin, end, f);
+  }
+  // f(i, cnt, args) for every line, chunks in parallel.
+  template <typename F>
+  void parallel_lines(F f) const {
+    parallel_chunks([&](int64_t, int64_t b, int64_t e) { lines(b, e, f); });
   }
 };
 
+// Loss of one call. With compute_grad and reduction 'mean' or 'sum', also d loss / d input for
+// an upstream gradient of 1, written in the same pass (input and target read once, the
+// gradient written once, the exp/log shared with the loss: Op::loss_and_grad); its bits are
+// those the backward computes for an upstream gradient of 1. Otherwise the gradient is empty.
 template <typename T, typename Op>
-at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                        const std::optional<at::Tensor>& pos_weight, int64_t reduction, const Op& op) {
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& input, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& pos_weight, int64_t reduction,
+                                                bool compute_grad, const Op& op) {
   using A = acc_t<T>;
   using V = AccVec<T>;
+  constexpr int P = kVecsPerLine<T>;
   const Reduction red = to_reduction(reduction);
   const ElementwiseInputs<T> in(input, target, weight, pos_weight);
   if (red == Reduction::None) {
     at::Tensor out = empty_cached(in.x.sizes(), in.x.options());
     T* op_out = out.data_ptr<T>();
-    in.parallel_chunks([&](int64_t, int64_t i, int64_t cnt, const ElemArgs<V>& a) {
-      store_vec(op_out + i, op.loss(a), cnt);
+    in.parallel_lines([&](int64_t i, int64_t cnt, const ElemArgs<V>* a) {
+      V v[P];
+      for (int k = 0; k < P; ++k) v[k] = op.loss(a[k]);
+      store_line(op_out + i, v, cnt);  // read back soon by the caller: not streamed
     });
-    return out;
+    return {out, at::empty({0}, in.x.options())};
   }
-  std::vector<V> acc(in.chunks, V(0));  // one accumulator per chunk: a fixed summation order
-  in.parallel_chunks([&](int64_t c, int64_t, int64_t cnt, const ElemArgs<V>& a) {
-    acc[c] += keep_first(op.loss(a), cnt, A(0));
+  at::Tensor dx = compute_grad ? empty_cached(in.x.sizes(), in.x.options()) : at::empty({0}, in.x.options());
+  T* dxp = compute_grad ? dx.data_ptr<T>() : nullptr;
+  const bool stream = streams(dxp, in.n);
+  const V scale(A(red == Reduction::Mean ? 1.0 / double(in.n) : 1.0));  // as the backward's upstream 1
+  std::vector<V> acc(in.chunks, V(0));  // one sum per chunk: a fixed summation order
+  in.parallel_chunks([&](int64_t c, int64_t begin, int64_t end) {
+    V sum(0);
+    in.lines(begin, end, [&](int64_t i, int64_t cnt, const ElemArgs<V>* a) {
+      if (dxp) {
+        V g[P];
+        for (int k = 0; k < P; ++k) {
+          const ElemLossGrad<V> r = op.loss_and_grad(a[k]);
+          sum += cnt == kLine<T> ? r.loss : keep_first(r.loss, lanes_in<T>(cnt, k), A(0));
+          g[k] = r.dx * scale;
+        }
+        put_line(dxp + i, g, cnt, stream);
+      } else {
+        for (int k = 0; k < P; ++k) {
+          const V l = op.loss(a[k]);
+          sum += cnt == kLine<T> ? l : keep_first(l, lanes_in<T>(cnt, k), A(0));
+        }
+      }
+    });
+    acc[c] = sum;
   });
   double total = 0;
   for (const V& v : acc) total += double(reduce_sum(v));
   if (red == Reduction::Mean) total /= double(in.n);  // 0 / 0 is NaN, as in torch
-  return at::scalar_tensor(total, input.options());
+  return {at::scalar_tensor(total, input.options()), dx};
 }
 
 template <typename T, typename Op>
@@ -182,6 +260,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
                                                  bool input_grad, bool target_grad, const Op& op) {
   using A = acc_t<T>;
   using V = AccVec<T>;
+  constexpr int P = kVecsPerLine<T>;
   const Reduction red = to_reduction(reduction);
   const ElementwiseInputs<T> in(input, target, weight, pos_weight);
   const at::Tensor& x = in.x;
@@ -204,10 +283,22 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
   const T* gp = g_elems.defined() ? g_elems.data_ptr<T>() : nullptr;
   T* dxp = input_grad ? dx.data_ptr<T>() : nullptr;
   T* dyp = target_grad ? dy.data_ptr<T>() : nullptr;
-  in.parallel_chunks([&](int64_t, int64_t i, int64_t cnt, const ElemArgs<V>& a) {
-    const V g = gp ? load_vec(gp + i, cnt) : V(g_all);
-    if (dxp) store_vec(dxp + i, op.grad_input(a) * g, cnt);
-    if (dyp) store_vec(dyp + i, op.grad_target(a) * g, cnt);
+  const bool stream_x = streams(dxp, in.n), stream_y = streams(dyp, in.n);
+  in.parallel_lines([&](int64_t i, int64_t cnt, const ElemArgs<V>* a) {
+    V g[P], o[P];
+    if (gp) {
+      if (cnt == kLine<T>) load_line(gp + i, g); else load_line(gp + i, g, cnt);
+    } else {
+      for (int k = 0; k < P; ++k) g[k] = V(g_all);
+    }
+    if (dxp) {
+      for (int k = 0; k < P; ++k) o[k] = op.grad_input(a[k]) * g[k];
+      put_line(dxp + i, o, cnt, stream_x);
+    }
+    if (dyp) {
+      for (int k = 0; k < P; ++k) o[k] = op.grad_target(a[k]) * g[k];
+      put_line(dyp + i, o, cnt, stream_y);
+    }
   });
   return {dx, dy};
 }
@@ -224,12 +315,13 @@ void check_pair(const at::Tensor& input, const at::Tensor& target, const char* n
 
 // Checks, dtype dispatch and the kernel of one loss `op`; `name` for error messages.
 template <typename Op>
-at::Tensor forward_entry(const char* name, const Op& op, const at::Tensor& input, const at::Tensor& target,
-                         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                         int64_t reduction) {
+std::tuple<at::Tensor, at::Tensor> forward_entry(const char* name, const Op& op, const at::Tensor& input,
+                                                 const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                                                 const std::optional<at::Tensor>& pos_weight, int64_t reduction,
+                                                 bool compute_grad) {
   check_pair(input, target, name);
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_elementwise", [&] {
-    return forward_impl<scalar_t>(input, target, weight, pos_weight, reduction, op);
+    return forward_impl<scalar_t>(input, target, weight, pos_weight, reduction, compute_grad, op);
   });
 }
 
@@ -265,29 +357,30 @@ Huber huber(double delta) {
 
 constexpr const char* kBce = "binary_cross_entropy_with_logits";
 
-Tensor bce_forward(const Tensor& x, const Tensor& y, const OptTensor& w, const OptTensor& pw, int64_t red) {
-  return forward_entry(kBce, BceWithLogits{pw.has_value()}, x, y, w, pw, red);
+TensorPair bce_forward(const Tensor& x, const Tensor& y, const OptTensor& w, const OptTensor& pw, int64_t red,
+                       bool grad) {
+  return forward_entry(kBce, BceWithLogits{pw.has_value()}, x, y, w, pw, red, grad);
 }
 TensorPair bce_backward(const Tensor& g, const Tensor& x, const Tensor& y, const OptTensor& w, const OptTensor& pw,
                         int64_t red, bool dx, bool dy) {
   return backward_entry(kBce, BceWithLogits{pw.has_value()}, g, x, y, w, pw, red, dx, dy);
 }
-Tensor smooth_l1_forward(const Tensor& x, const Tensor& y, int64_t red, double beta) {
-  return forward_entry("smooth_l1_loss", smooth_l1(beta), x, y, kNone, kNone, red);
+TensorPair smooth_l1_forward(const Tensor& x, const Tensor& y, int64_t red, double beta, bool grad) {
+  return forward_entry("smooth_l1_loss", smooth_l1(beta), x, y, kNone, kNone, red, grad);
 }
 TensorPair smooth_l1_backward(const Tensor& g, const Tensor& x, const Tensor& y, int64_t red, double beta, bool dx,
                               bool dy) {
   return backward_entry("smooth_l1_loss", smooth_l1(beta), g, x, y, kNone, kNone, red, dx, dy);
 }
-Tensor huber_forward(const Tensor& x, const Tensor& y, const OptTensor& w, int64_t red, double delta) {
-  return forward_entry("huber_loss", huber(delta), x, y, w, kNone, red);
+TensorPair huber_forward(const Tensor& x, const Tensor& y, const OptTensor& w, int64_t red, double delta, bool grad) {
+  return forward_entry("huber_loss", huber(delta), x, y, w, kNone, red, grad);
 }
 TensorPair huber_backward(const Tensor& g, const Tensor& x, const Tensor& y, const OptTensor& w, int64_t red,
                           double delta, bool dx, bool dy) {
   return backward_entry("huber_loss", huber(delta), g, x, y, w, kNone, red, dx, dy);
 }
-Tensor focal_forward(const Tensor& x, const Tensor& y, int64_t red, double alpha, double gamma) {
-  return forward_entry("sigmoid_focal_loss", SigmoidFocal{alpha, gamma}, x, y, kNone, kNone, red);
+TensorPair focal_forward(const Tensor& x, const Tensor& y, int64_t red, double alpha, double gamma, bool grad) {
+  return forward_entry("sigmoid_focal_loss", SigmoidFocal{alpha, gamma}, x, y, kNone, kNone, red, grad);
 }
 TensorPair focal_backward(const Tensor& g, const Tensor& x, const Tensor& y, int64_t red, double alpha, double gamma,
                           bool dx, bool dy) {

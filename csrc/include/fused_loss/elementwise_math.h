@@ -3,10 +3,11 @@
 //
 // Every function is a template over V: a scalar (float/double, host or device) or a CPU
 // vector (at::vec::Vectorized<float/double>). A backend provides the primitives for its V:
-//   fl_exp, fl_log1p, fl_abs, fl_max, fl_min, fl_sign, fl_where_ge0(c, a, b) = c >= 0 ? a : b,
+//   fl_exp, fl_abs, fl_max, fl_min, fl_sign, fl_where_ge0(c, a, b) = c >= 0 ? a : b,
 //   fl_where_lt(c, d, a, b) = c < d ? a : b, fl_where_le(c, d, a, b) = c <= d ? a : b,
-//   fl_pow(x, p) with p a scalar.
-// fl_exp must return NaN for NaN, as std::exp does.
+//   fl_pow(x, p) with p a scalar, and fl_log1p_01(x): log1p for x in [0, 1] or NaN only (the
+//   losses take it of exp(-|x|)), where a backend may use a cheaper form (a few float eps).
+// fl_exp and fl_log1p_01 must return NaN for NaN, as std::exp does.
 // The scalar primitives are defined here; csrc/cpu/vec_math.h declares the vector ones and
 // must be included before this header (unqualified calls in templates see the overloads
 // declared before them).
@@ -22,7 +23,7 @@ namespace fused_loss {
 template <typename S>
 FL_HOST_DEVICE S fl_exp(S x) { return std::exp(x); }
 template <typename S>
-FL_HOST_DEVICE S fl_log1p(S x) { return std::log1p(x); }
+FL_HOST_DEVICE S fl_log1p_01(S x) { return std::log1p(x); }
 template <typename S>
 FL_HOST_DEVICE S fl_abs(S x) { return x < S(0) ? -x : x; }
 template <typename S>
@@ -51,9 +52,17 @@ struct ElemArgs {
 // value and derivatives, before the upstream gradient is applied. Separate derivatives let a
 // backward that needs only one of them skip the other's work (calls to exp/log1p cannot be
 // removed by the compiler once computed). A pair computed together uses ElemGrads.
+// loss_and_grad(args) gives the loss and d loss / d x in one evaluation (the forward that
+// writes the gradient in its pass), sharing the transcendental work; each of its results has
+// the bits of loss() and grad_input() (the same expressions on the same shared terms).
 template <typename V>
 struct ElemGrads {
   V dx, dy;
+};
+
+template <typename V>
+struct ElemLossGrad {
+  V loss, dx;
 };
 
 // --- BCE with logits -------------------------------------------------------------------------
@@ -64,23 +73,35 @@ struct ElemGrads {
 // (x >= 0 ? -x : -pw x) + (pw - 1) log1p(exp(-|x|)), which has no inf - inf at x = -inf.
 struct BceWithLogits {
   bool has_pos_weight;  // without one, d/dy = -x exactly (no 0 * inf at infinite logits)
+
+  // e = exp(-|x|): the one exp that the loss and d/dx share.
   template <typename V>
-  FL_HOST_DEVICE V loss(const ElemArgs<V>& a) const {
-    const V sp = fl_log1p(fl_exp(V(0) - fl_abs(a.x))) + fl_max(V(0) - a.x, V(0));
+  FL_HOST_DEVICE static V exp_neg_abs(V x) { return fl_exp(V(0) - fl_abs(x)); }
+  template <typename V>
+  FL_HOST_DEVICE static V loss_from(const ElemArgs<V>& a, V e) {
+    const V sp = fl_log1p_01(e) + fl_max(V(0) - a.x, V(0));
     const V lw = V(1) + (a.pw - V(1)) * a.y;
     return a.w * ((V(1) - a.y) * a.x + lw * sp);
   }
   template <typename V>
-  FL_HOST_DEVICE V grad_input(const ElemArgs<V>& a) const {
-    const V e = fl_exp(V(0) - fl_abs(a.x));
+  FL_HOST_DEVICE static V grad_input_from(const ElemArgs<V>& a, V e) {
     const V sig_neg = fl_where_ge0(a.x, e, V(1)) / (V(1) + e);  // sigmoid(-x)
     const V lw = V(1) + (a.pw - V(1)) * a.y;
     return a.w * ((V(1) - a.y) - lw * sig_neg);
   }
   template <typename V>
+  FL_HOST_DEVICE V loss(const ElemArgs<V>& a) const { return loss_from(a, exp_neg_abs(a.x)); }
+  template <typename V>
+  FL_HOST_DEVICE V grad_input(const ElemArgs<V>& a) const { return grad_input_from(a, exp_neg_abs(a.x)); }
+  template <typename V>
+  FL_HOST_DEVICE ElemLossGrad<V> loss_and_grad(const ElemArgs<V>& a) const {
+    const V e = exp_neg_abs(a.x);
+    return {loss_from(a, e), grad_input_from(a, e)};
+  }
+  template <typename V>
   FL_HOST_DEVICE V grad_target(const ElemArgs<V>& a) const {
     if (!has_pos_weight) return a.w * (V(0) - a.x);
-    const V l = fl_log1p(fl_exp(V(0) - fl_abs(a.x)));
+    const V l = fl_log1p_01(exp_neg_abs(a.x));
     return a.w * (fl_where_ge0(a.x, V(0) - a.x, V(0) - a.pw * a.x) + (a.pw - V(1)) * l);
   }
 };
@@ -121,6 +142,8 @@ struct SmoothL1 {
     return a.w * fl_where_le(d, V(0) - b, V(-1), fl_where_le(b, d, V(1), over_beta(d)));
   }
   template <typename V>
+  FL_HOST_DEVICE ElemLossGrad<V> loss_and_grad(const ElemArgs<V>& a) const { return {loss(a), grad_input(a)}; }
+  template <typename V>
   FL_HOST_DEVICE V grad_target(const ElemArgs<V>& a) const { return V(0) - grad_input(a); }
 };
 
@@ -136,6 +159,8 @@ struct Huber {
     const V d = a.x - a.y, dl(delta);
     return a.w * fl_where_le(d, V(0) - dl, V(0) - dl, fl_where_le(dl, d, dl, d));
   }
+  template <typename V>
+  FL_HOST_DEVICE ElemLossGrad<V> loss_and_grad(const ElemArgs<V>& a) const { return {loss(a), grad_input(a)}; }
   template <typename V>
   FL_HOST_DEVICE V grad_target(const ElemArgs<V>& a) const { return V(0) - grad_input(a); }
 };
@@ -166,31 +191,55 @@ struct SigmoidFocal {
   FL_HOST_DEVICE V alpha_t(V y) const {
     return alpha >= 0 ? V(alpha) * y + V(1 - alpha) * (V(1) - y) : V(1);
   }
+  // The terms that the loss and both derivatives share: one exp and one log1p per element.
   template <typename V>
-  FL_HOST_DEVICE V loss(const ElemArgs<V>& a) const {
+  struct Terms {
+    V s, ce, m, at;  // sigmoid(x), BCE, 1 - p_t, alpha_t
+  };
+  template <typename V>
+  FL_HOST_DEVICE Terms<V> terms(const ElemArgs<V>& a) const {
     const V e = fl_exp(V(0) - fl_abs(a.x));
     const V s = fl_where_ge0(a.x, V(1), e) / (V(1) + e);  // sigmoid(x)
-    const V ce = (V(1) - a.y) * a.x + fl_log1p(e) + fl_max(V(0) - a.x, V(0));
+    const V ce = (V(1) - a.y) * a.x + fl_log1p_01(e) + fl_max(V(0) - a.x, V(0));
     const V m = V(1) - (s * a.y + (V(1) - s) * (V(1) - a.y));
-    return alpha_t(a.y) * ce * pow_gamma(m);
+    return {s, ce, m, alpha_t(a.y)};
+  }
+  template <typename V>
+  FL_HOST_DEVICE V loss_of(const Terms<V>& t, V mg) const { return t.at * t.ce * mg; }
+  // dm/dx = -s (1 - s) (2y - 1);  dce/dx = s - y
+  template <typename V>
+  FL_HOST_DEVICE V dx_of(const ElemArgs<V>& a, const Terms<V>& t, V mg) const {
+    if (gamma == 0.0) return t.at * (t.s - a.y);
+    const V two_y_1 = V(2) * a.y - V(1);
+    return t.at * ((t.s - a.y) * mg - t.ce * dpow_gamma(t.m) * t.s * (V(1) - t.s) * two_y_1);
+  }
+  template <typename V>
+  FL_HOST_DEVICE V loss(const ElemArgs<V>& a) const {
+    const Terms<V> t = terms(a);
+    return loss_of(t, pow_gamma(t.m));
+  }
+  template <typename V>
+  FL_HOST_DEVICE ElemLossGrad<V> loss_and_grad(const ElemArgs<V>& a) const {
+    const Terms<V> t = terms(a);
+    const V mg = pow_gamma(t.m);
+    return {loss_of(t, mg), dx_of(a, t, mg)};
   }
   template <typename V>
   FL_HOST_DEVICE ElemGrads<V> grads(const ElemArgs<V>& a) const {
-    const V e = fl_exp(V(0) - fl_abs(a.x));
-    const V s = fl_where_ge0(a.x, V(1), e) / (V(1) + e);
-    const V ce = (V(1) - a.y) * a.x + fl_log1p(e) + fl_max(V(0) - a.x, V(0));
-    const V m = V(1) - (s * a.y + (V(1) - s) * (V(1) - a.y));
-    const V at = alpha_t(a.y), mg = pow_gamma(m), dmg = dpow_gamma(m);
-    const V two_y_1 = V(2) * a.y - V(1), two_s_1 = V(2) * s - V(1);
-    // dm/dx = -s (1 - s) (2y - 1);  dm/dy = -(2s - 1);  dce/dx = s - y;  dce/dy = -x
+    const Terms<V> t = terms(a);
+    const V mg = pow_gamma(t.m);
+    // dm/dy = -(2s - 1);  dce/dy = -x
     const V dat = alpha >= 0 ? V(2 * alpha - 1) : V(0);
-    if (gamma == 0.0) return {at * (s - a.y), dat * ce + at * (V(0) - a.x)};
-    const V dx = at * ((s - a.y) * mg - ce * dmg * s * (V(1) - s) * two_y_1);
-    const V dy = dat * ce * mg + at * ((V(0) - a.x) * mg - ce * dmg * two_s_1);
-    return {dx, dy};
+    if (gamma == 0.0) return {dx_of(a, t, mg), dat * t.ce + t.at * (V(0) - a.x)};
+    const V two_s_1 = V(2) * t.s - V(1);
+    const V dy = dat * t.ce * mg + t.at * ((V(0) - a.x) * mg - t.ce * dpow_gamma(t.m) * two_s_1);
+    return {dx_of(a, t, mg), dy};
   }
   template <typename V>
-  FL_HOST_DEVICE V grad_input(const ElemArgs<V>& a) const { return grads(a).dx; }
+  FL_HOST_DEVICE V grad_input(const ElemArgs<V>& a) const {
+    const Terms<V> t = terms(a);
+    return dx_of(a, t, pow_gamma(t.m));
+  }
   template <typename V>
   FL_HOST_DEVICE V grad_target(const ElemArgs<V>& a) const { return grads(a).dy; }
 };
