@@ -61,7 +61,7 @@ def sanitize_flags() -> list:
     `__Y = __Y` idiom (the normal build keeps these warnings)."""
     if os.environ.get("FUSED_LOSS_SANITIZE", "0") != "1":
         return []
-    return ["-fsanitize=address,undefined", "-fsanitize-recover=address", "-fno-omit-frame-pointer", "-g", "-O1",
+    return ["-DFUSED_LOSS_SANITIZE", "-fsanitize=address,undefined", "-fsanitize-recover=address", "-fno-omit-frame-pointer", "-g", "-O1",
             "-fno-wrapv", "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
 
 

@@ -333,7 +333,7 @@ inline void zero_fill(T* out, int64_t n) {
 // flatten: GCC otherwise stops inlining Vectorized::exp_u20 into this loop (a call per vector
 // costs a third of the pass).
 template <typename T, typename MakeLine>
-__attribute__((flatten)) inline void grad_chunk(const T* x, T* out, const T* align, int64_t row, int64_t classes, int64_t c0, bool zero,
+FL_FLATTEN inline void grad_chunk(const T* x, T* out, const T* align, int64_t row, int64_t classes, int64_t c0, bool zero,
                        MakeLine& make_line, int64_t ahead = kPrefetchBytes / int64_t(sizeof(T))) {
   using V = AccVec<T>;
   const int64_t n = std::min(kChunk, classes - c0), off = row * classes + c0;
@@ -388,7 +388,7 @@ struct BlockIn {
 // functor line(i, e, slope, cnt) that turns the e of the line at class c + i into its
 // gradient. ahead: prefetch distance (elements) in the logits (see grad_chunk).
 template <typename T, typename Logits, typename MakeBlock>
-__attribute__((flatten)) inline void grad_blocks(const T* x, T* out, int64_t c0, int64_t n, BlockIn<acc_t<T>> in,
+FL_FLATTEN inline void grad_blocks(const T* x, T* out, int64_t c0, int64_t n, BlockIn<acc_t<T>> in,
                                                  const Logits& logits, const MakeBlock& make_block, int64_t ahead) {
   using A = acc_t<T>;
   using V = AccVec<T>;
