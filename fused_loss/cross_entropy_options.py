@@ -7,7 +7,7 @@ layouts (K-dim input, probability targets) the options are composed around the f
 with torch ops: exact, but the shaped logits are materialised and read again.
 """
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,12 +20,13 @@ class CrossEntropyStats(NamedTuple):
     """What `cross_entropy(..., return_stats=True)` returns beside the loss; detached, for
     logging and RL. Per-token tensors have the target's shape (the row shape for probability
     targets) and the accumulation dtype (float32, float64 for float64 input); ignored tokens
-    hold 0 (False for `correct`)."""
+    hold 0 (False for `correct`). For probability targets, `correct` asks whether the target's
+    most probable class has the largest logit."""
     z_loss: Tensor  # the z-loss part of the loss, reduced as the loss (0 when z_loss=0)
     lse: Tensor  # per token: logsumexp of the (shaped) logits
     entropy: Tensor  # per token: entropy of softmax of the (shaped) logits, in nats
-    correct: Optional[Tensor]  # per token: the target's logit is the max (ties count); None for probabilities
-    accuracy: Optional[Tensor]  # correct tokens / non-ignored tokens (NaN if none); None for probabilities
+    correct: Tensor  # per token: the target's logit is the max (ties count; see cross_entropy)
+    accuracy: Tensor  # correct tokens / non-ignored tokens (NaN if none), float32
 
 
 def check_options(softcap, temperature, z_loss):
@@ -58,10 +59,11 @@ def _accuracy(correct: Tensor, valid: Tensor) -> Tensor:
 
 
 def _token_weights(target, weight, ignore_index, dtype):
+    target = target.long()  # a uint8 target is compared as an integer, never wrapped
     valid = target != ignore_index
     if weight is None:
         return valid.to(dtype), valid
-    t = torch.where(valid, target, 0).long()
+    t = torch.where(valid, target, 0)
     return weight.reshape(-1).to(dtype)[t] * valid, valid
 
 
@@ -70,24 +72,29 @@ def stats_from_kernel(st: Tensor, target, weight, ignore_index, reduction, loss_
     shape = target.shape
     w, valid = _token_weights(target, weight, ignore_index, st.dtype)
     correct = st[3].view(shape) != 0
-    return CrossEntropyStats(_reduce(st[4].view(shape), reduction, w.sum(), loss_dtype), (st[0] + st[1]).view(shape),
+    # A row whose max is +-inf has a NaN log_sum (its loss is NaN); its lse is torch's, the max.
+    lse = torch.where(st[0].isinf() & st[1].isnan(), st[0], st[0] + st[1])
+    return CrossEntropyStats(_reduce(st[4].view(shape), reduction, w.sum(), loss_dtype), lse.view(shape),
                              st[2].view(shape), correct, _accuracy(correct, valid))
 
 
 @torch.no_grad()
-def composed_stats(z: Tensor, target, weight, ignore_index, reduction, z_loss, loss_dtype) -> CrossEntropyStats:
-    """The same statistics with torch ops, from the shaped logits z ((N, C, d...))."""
-    z = z.detach().to(acc_dtype(z.dtype))
-    probabilities = target.shape == z.shape
+def composed_stats(x: Tensor, z: Tensor, target, weight, ignore_index, reduction, z_loss,
+                   loss_dtype) -> CrossEntropyStats:
+    """The same statistics with torch ops, from the logits x and the shaped logits z ((N, C, d...))."""
+    x, z = x.detach(), z.detach().to(acc_dtype(z.dtype))
     lse = torch.logsumexp(z, 1)
     entropy = torch.special.entr(torch.softmax(z, 1)).sum(1)  # 0 log 0 = 0
     terms, denominator = reference.z_loss_terms(z, target, weight, ignore_index, z_loss)
     z_term = _reduce(terms, reduction, denominator, loss_dtype)
-    if probabilities:
-        return CrossEntropyStats(z_term, lse, entropy, None, None)
+    # correct: compared on the logits before shaping, as the kernel does (see cross_entropy).
+    if target.shape == z.shape:  # probabilities: the most probable target class
+        correct = x.gather(1, target.argmax(1, keepdim=True)).squeeze(1) == x.amax(1)
+        return CrossEntropyStats(z_term, lse, entropy, correct, _accuracy(correct, torch.ones_like(correct)))
+    target = target.long()
     valid = target != ignore_index
-    t = torch.where(valid, target, 0).long().unsqueeze(1)
-    correct = (z.gather(1, t).squeeze(1) == z.amax(1)) & valid
+    t = torch.where(valid, target, 0).unsqueeze(1)
+    correct = (x.gather(1, t).squeeze(1) == x.amax(1)) & valid
     zero = torch.zeros((), dtype=lse.dtype)
     return CrossEntropyStats(z_term, torch.where(valid, lse, zero), torch.where(valid, entropy, zero), correct,
                              _accuracy(correct, valid))
@@ -96,6 +103,6 @@ def composed_stats(z: Tensor, target, weight, ignore_index, reduction, z_loss, l
 def unbatch(stats: CrossEntropyStats, reduction: int) -> CrossEntropyStats:
     """Statistics of a (C,) input computed as one row of (1, C): per-token fields lose the row."""
     def sq(t):
-        return None if t is None else t.squeeze(0)
+        return t.squeeze(0)
     return CrossEntropyStats(stats.z_loss.squeeze(0) if reduction == 0 else stats.z_loss, sq(stats.lse),
                              sq(stats.entropy), sq(stats.correct), stats.accuracy)

@@ -72,9 +72,9 @@ def cross_entropy(
         red = reduction_enum(_legacy_reduction(size_average, reduce, reduction))
         z = reference.shaped_logits(input, softcap, temperature)
         if input.dim() == 1:
-            return loss, unbatch(composed_stats(z.unsqueeze(0), target.unsqueeze(0), weight, ignore_index, red,
-                                                z_loss, loss.dtype), red)
-        return loss, composed_stats(z, target, weight, ignore_index, red, z_loss, loss.dtype)
+            return loss, unbatch(composed_stats(input.unsqueeze(0), z.unsqueeze(0), target.unsqueeze(0), weight,
+                                                ignore_index, red, z_loss, loss.dtype), red)
+        return loss, composed_stats(input, z, target, weight, ignore_index, red, z_loss, loss.dtype)
     red = reduction_enum(_legacy_reduction(size_average, reduce, reduction))
     if input.dim() == 0:
         raise ValueError("cross_entropy: expected input of shape (C,), (N, C) or (N, C, d1, ..., dk), got a 0-dim tensor")
@@ -119,18 +119,23 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
                 and not gathers():
             weight = weight.reshape(-1)  # torch's K-dim path takes any weight of C elements
         fused = input.dim() == 2  # the row kernel takes every option; other layouts compose them
-        z = input if fused else reference.shaped_logits(input, softcap, temperature)
+        z, w = input, weight
+        if not fused and shaped(softcap, temperature):
+            # Shaped in float32 at least, as the kernel shapes 16-bit logits, and rounded once: the loss.
+            z, w = _at_least_float32(input), None if weight is None else _at_least_float32(weight)
+            z = reference.shaped_logits(z, softcap, temperature)
         # The gradient is written in the forward's pass when it will be needed (see README);
         # under torch.compile the backward recomputes it (no host read of the upstream gradient).
         compute_grad = z.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        loss, st, _ = ops.cross_entropy_forward(z, target, weight, red, ignore_index, float(label_smoothing),
+        loss, st, _ = ops.cross_entropy_forward(z, target, w, red, ignore_index, float(label_smoothing),
                                                 compute_grad, softcap if fused else None,
                                                 temperature if fused else 1.0, z_loss, return_stats and fused)
+        loss = loss.to(input.dtype)
         if not return_stats:
             return loss, None
         if fused:
             return loss, stats_from_kernel(st, target, weight, ignore_index, red, loss.dtype)
-        return loss, composed_stats(z, target, weight, ignore_index, red, z_loss, loss.dtype)
+        return loss, composed_stats(input, z, target, weight, ignore_index, red, z_loss, loss.dtype)
     if not target.dtype.is_floating_point:
         raise RuntimeError(f"Expected floating point type for target with class probabilities, got {target.dtype}")
     if ignore_index >= 0:
@@ -141,15 +146,25 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
     input, target = input.to(dtype), target.to(dtype)
     if weight is not None:
         weight = weight.to(dtype)
-    # Probability targets: the options composed around the fused kernel (see cross_entropy_options).
-    z = reference.shaped_logits(input, softcap, temperature)
-    loss = ops.cross_entropy_prob_forward(z, target, weight, red, float(label_smoothing))[0]
+    # Probability targets: the options composed around the fused kernel (see cross_entropy_options),
+    # in float32 at least for 16-bit inputs, as the kernel computes; the loss rounded once.
+    z, t, w = input, target, weight
+    if shaped(softcap, temperature) or z_loss:
+        z, t = _at_least_float32(input), _at_least_float32(target)
+        w = None if weight is None else _at_least_float32(weight)
+        z = reference.shaped_logits(z, softcap, temperature)
+    loss = ops.cross_entropy_prob_forward(z, t, w, red, float(label_smoothing))[0]
     if z_loss:
-        terms, denominator = reference.z_loss_terms(z, target, weight, ignore_index, z_loss)
-        loss = loss + (terms if red == 0 else terms.sum() if red == 2 else terms.sum() / denominator).to(loss.dtype)
+        terms, denominator = reference.z_loss_terms(z, t, w, ignore_index, z_loss)
+        loss = loss + (terms if red == 0 else terms.sum() if red == 2 else terms.sum() / denominator)
+    loss = loss.to(dtype)
     if not return_stats:
         return loss, None
-    return loss, composed_stats(z, target, weight, ignore_index, red, z_loss, loss.dtype)
+    return loss, composed_stats(input, z, t, w, ignore_index, red, z_loss, loss.dtype)
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _check_floating_input(input: Tensor, name: str):

@@ -26,12 +26,15 @@ def z_loss_terms(z, target, weight=None, ignore_index: int = -100, z_loss: float
     """Each token's z-loss term z_loss * w * logsumexp(z)^2 and the denominator of its 'mean':
     w is the token's class weight (1 without weights, 0 where ignored) for class-index targets,
     1 for probability targets. z: (N, C, d...) logits (classes in dim 1)."""
-    lse = torch.logsumexp(z, 1)
     if target.shape == z.shape:  # probabilities
+        lse = torch.logsumexp(z, 1)
         w = torch.ones_like(lse)
     else:
+        target = target.long()  # a uint8 target is compared as an integer, never wrapped
         valid = target != ignore_index
-        t = torch.where(valid, target, 0).long()
+        # Ignored rows' logits do not enter at all (an ignored row of -inf would make 0 * inf).
+        lse = torch.logsumexp(torch.where(valid.unsqueeze(1), z, 0), 1)
+        t = torch.where(valid, target, 0)
         w = valid.to(lse.dtype) if weight is None else weight.reshape(-1).to(lse.dtype)[t] * valid
     return z_loss * w * lse * lse, w.sum()
 

@@ -136,8 +136,8 @@ def _torch_stats(x, t, weight, ignore_index, reduction, softcap, temperature, z_
                            0.0, softcap, temperature, z_loss) - \
         torch_formula(x.double(), t, None if weight is None else weight.double(), ignore_index, reduction, 0.0,
                       softcap, temperature, 0.0)
-    if t.shape == x.shape:
-        return z_term, lse, entropy, None
+    if t.shape == x.shape:  # the target's most probable class
+        return z_term, lse, entropy, x.argmax(cls) == t.argmax(cls)
     keep = t != ignore_index
     correct = (z.argmax(cls) == t) & keep
     return z_term, torch.where(keep, lse, 0), torch.where(keep, entropy, 0), correct
@@ -163,13 +163,11 @@ def test_stats_match_torch(options, layout, reduction):
     torch.testing.assert_close(stats.entropy.double(), entropy, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats.z_loss.double(), z_term.to(loss.dtype).double(), rtol=1e-4, atol=1e-6)
     assert stats.z_loss.dtype == loss.dtype and stats.z_loss.shape == loss.shape
-    if layout == "probs":
-        assert stats.correct is None and stats.accuracy is None
-    else:
-        assert stats.correct.dtype == torch.bool and torch.equal(stats.correct, correct)
+    assert stats.correct.dtype == torch.bool and torch.equal(stats.correct, correct)
+    keep = torch.ones_like(correct) if layout == "probs" else t != 2
+    if layout != "probs":
         assert correct.any() and not correct.all()
-        keep = t != 2
-        assert stats.accuracy.item() == pytest.approx(correct.sum().item() / keep.sum().item())
+    assert stats.accuracy.item() == pytest.approx(correct.sum().item() / keep.sum().item())
     for field in stats:
         assert field is None or not field.requires_grad
 
@@ -275,3 +273,92 @@ def test_softcap_tanh_is_accurate_across_its_range(dtype):
     exact = cap * torch.tanh(x.double() / cap)
     ulps = (stats.lse.double() - exact).abs() / torch.finfo(dtype).eps / exact.abs().clamp(min=1e-30)
     assert ulps.max() <= 8, ulps.max()
+
+
+LAYOUTS = {  # the same rows as (N, C), as (N, C, 1) (composed options) and one by one as (C,)
+    "rows": lambda x, t, **kw: fused_loss.cross_entropy(x, t, **kw),
+    "kdim": lambda x, t, **kw: _squeeze_last(fused_loss.cross_entropy(x.unsqueeze(2), t.unsqueeze(1), **kw)),
+}
+
+
+def _squeeze_last(out):
+    loss, stats = out
+    return loss.squeeze(-1) if loss.dim() else loss, type(stats)(
+        *[f if f.dim() == 0 or f.shape[-1:] != (1,) else f.squeeze(-1) for f in stats])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_correct_compares_the_logits_before_shaping(layout):
+    """Softcap can round distinct logits to one value; `correct` compares the logits themselves,
+    in every layout."""
+    x = torch.tensor([[25.78347, 29.08850, 0.0], [3.0, 3.2, -1.0], [5.0, 5.0, 1.0]])
+    t = torch.tensor([0, 0, 1])
+    for dtype, cap in [(torch.float32, 3.0), (torch.bfloat16, 1.0)]:
+        _, stats = LAYOUTS[layout](x.to(dtype), t, softcap=cap, temperature=1.3, return_stats=True, reduction="none")
+        assert stats.correct.tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_uint8_targets_are_never_wrapped_onto_ignore_index(layout):
+    """-100 is 156 in uint8: class 156 must count as a class, as in the kernel."""
+    x = torch.randn(2, 200)
+    x[0, 156] = x[1, 3] = 50.0
+    t = torch.tensor([156, 3], dtype=torch.uint8)
+    if layout == "kdim":
+        t = t.long()  # (torch takes uint8 targets for (N, C) input only)
+    loss, stats = LAYOUTS[layout](x, t, z_loss=1e-2, return_stats=True)
+    lse = torch.logsumexp(x, 1)
+    torch.testing.assert_close(stats.z_loss, 1e-2 * (lse ** 2).mean())
+    assert stats.accuracy.item() == 1.0
+    value = torch.func.grad_and_value(lambda x: fused_loss.cross_entropy(x, t, z_loss=1e-2))(x)[1]
+    torch.testing.assert_close(value, loss)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_an_ignored_row_of_minus_infinity_changes_nothing(layout):
+    x = torch.randn(3, 5)
+    x[1] = -math.inf
+    t = torch.tensor([2, -100, 4])
+    loss, stats = LAYOUTS[layout](x, t, z_loss=1e-2, return_stats=True)
+    expected = torch_formula(x[[0, 2]], t[[0, 2]], z_loss=1e-2)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(stats.z_loss, expected - F.cross_entropy(x[[0, 2]], t[[0, 2]]))
+    grad, value = torch.func.grad_and_value(lambda x: fused_loss.cross_entropy(x, t, z_loss=1e-2))(x)
+    torch.testing.assert_close(value, expected)
+    # torch's own log_softmax backward gives the ignored row NaN there; the other rows are exact
+    torch.testing.assert_close(grad[[0, 2]], torch.func.grad(lambda v: torch_formula(v, t[[0, 2]], z_loss=1e-2))(
+        x[[0, 2]]))
+    xx = x.clone().requires_grad_()
+    fused_loss.cross_entropy(xx, t, z_loss=1e-2).backward()  # the kernel: 0 for an ignored row
+    assert torch.equal(xx.grad[1], torch.zeros(5))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_lse_of_rows_of_infinities_is_torchs(layout):
+    x = torch.randn(3, 4)
+    x[0, 1] = math.inf
+    x[1] = -math.inf
+    _, stats = LAYOUTS[layout](x, torch.tensor([0, 1, 2]), return_stats=True, reduction="none")
+    assert torch.equal(stats.lse, torch.logsumexp(x, 1))
+
+
+def test_16_bit_layouts_agree_with_options():
+    """The composed layouts shape 16-bit logits in float32, as the kernel does."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(16, 40, generator=g) * 20).to(torch.float16)
+    t = torch.randint(0, 40, (16,), generator=g)
+    kw = dict(temperature=0.1, softcap=30.0, z_loss=1e-3)
+    rows = fused_loss.cross_entropy(x, t, **kw)
+    kdim = fused_loss.cross_entropy(x.unsqueeze(2), t.unsqueeze(1), **kw)
+    probs = fused_loss.cross_entropy(x, F.one_hot(t, 40).to(x.dtype), **kw)
+    exact = torch_formula(x.double(), t, **kw).to(x.dtype)
+    assert rows.dtype == kdim.dtype == probs.dtype == torch.float16
+    assert rows == exact and kdim == exact and probs == exact
+
+
+def test_stats_of_probability_targets_work_under_torch_func():
+    x, t = torch.randn(4, 6), torch.softmax(torch.randn(4, 6), 1)
+    grad, (loss, stats) = torch.func.grad(
+        lambda x: (lambda out: (out[0], out))(fused_loss.cross_entropy(x, t, return_stats=True)), has_aux=True)(x)
+    torch.testing.assert_close(stats.correct, x.argmax(1) == t.argmax(1))
+    torch.testing.assert_close(grad, torch.func.grad(lambda x: F.cross_entropy(x, t))(x))

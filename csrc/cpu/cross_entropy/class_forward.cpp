@@ -37,13 +37,14 @@ void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>
         loss[row] = A(0);  // its stats stay 0
         return;
       }
-      const A z_y = logits.scalar(static_cast<A>(x[row * g.classes + y[row]]));
+      const A x_y = static_cast<A>(x[row * g.classes + y[row]]), z_y = logits.scalar(x_y);
       finish_row(row, pt.m, pt.s, r, pt.lin, z_y, y[row]);
       if (return_stats) {
-        // entropy = log_sum - h / s (see Partial); correct: the target's logit is the max
-        // (a tie for the max counts as correct).
+        // entropy = log_sum - h / s (see Partial); correct: the target's logit is the max,
+        // compared before shaping (which keeps the order, but may round distinct logits to a
+        // tie); a tie counts as correct.
         stats.entropy()[row] = stats.log_sum()[row] - pt.h / pt.s;
-        stats.correct()[row] = A(z_y == pt.m);
+        stats.correct()[row] = A(x_y == pt.raw);
       }
     };
     auto run = [&](auto make_terms) {

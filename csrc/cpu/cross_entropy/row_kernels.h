@@ -65,8 +65,10 @@ struct Partial {
   A lin = A(0);
   A mass = A(0);
   A h = A(0);
+  A raw = kNegInf<A>;  // the max of the logits before shaping (for `correct`)
 
   void merge(const Partial& o) {
+    if (!(o.raw <= raw)) raw = o.raw;  // NaN wins
     const A ref_a = shift_of(m), ref_b = shift_of(o.m);
     const A m_a = m, s_a = s;
     merge_max_sumexp(m, s, o.m, o.s, exp_scalar<A>);
@@ -159,10 +161,10 @@ struct NoTerms {
 // Accumulators per reduction: independent chains hide the latency of max and add.
 constexpr int kAcc = 4;
 
-// The max of z over one block of logits: the max of the raw logits, mapped (the maps of
+// The max of the raw logits of one block; block_max: of z, the raw max mapped (the maps of
 // logits.h are non-decreasing). Pass 1 of chunk_stats, and of a gradient that recomputes it.
-template <typename T, typename Logits>
-acc_t<T> block_max(const T* xb, int64_t len, const Logits& logits) {
+template <typename T>
+acc_t<T> block_max_raw(const T* xb, int64_t len) {
   using A = acc_t<T>;
   using V = AccVec<T>;
   constexpr int NV = kVecsPerLine<T>;
@@ -185,8 +187,12 @@ acc_t<T> block_max(const T* xb, int64_t len, const Logits& logits) {
       if (nk > 0) acc[0] = at::vec::maximum(acc[0], keep_first(v[k], nk, kNegInf<A>));
     }
   });
-  return logits.scalar(
-      reduce_max(at::vec::maximum(at::vec::maximum(acc[0], acc[1]), at::vec::maximum(acc[2], acc[3]))));
+  return reduce_max(at::vec::maximum(at::vec::maximum(acc[0], acc[1]), at::vec::maximum(acc[2], acc[3])));
+}
+
+template <typename T, typename Logits>
+acc_t<T> block_max(const T* xb, int64_t len, const Logits& logits) {
+  return logits.scalar(block_max_raw(xb, len));
 }
 
 // What the statistics pass keeps of a chunk for its gradient (any may be null): each block's
@@ -213,7 +219,7 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms, const Logits& 
     const int64_t len = std::min(kBlock, n - b);
     const int64_t full = len / (kAcc * kLine<T>) * (kAcc * kLine<T>);  // lines in groups of kAcc
     const T* xb = x + b;
-    const A mb = block_max(xb, len, logits);
+    const A raw = block_max_raw(xb, len), mb = logits.scalar(raw);
     if (out.maxima) out.maxima[b / kBlock] = mb;
     // Stores e (and dz/dx) of a line at class b + off for the gradient.
     auto keep = [&](int64_t off, const V* e, const V* slope) {
@@ -272,6 +278,7 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms, const Logits& 
     });
     Partial<A> blk;
     blk.m = mb;
+    blk.raw = raw;
     blk.s = reduce_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
     blk.h = reduce_sum(hacc);
     terms.flush(blk);
