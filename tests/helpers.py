@@ -54,3 +54,32 @@ def compare(fused_fn, torch_fn, tensors, **kwargs):
             assert a is not None and b is not None, f"grad {i}: one side has none"
             assert_close_to_torch(a, b, r, f"grad of argument {i}")
     return ours, g_ours
+
+
+def check_kept_gradient_survives_the_next_step(loss_fn, x, target):
+    """A gradient kept from one step (x.grad, then x.grad = None) is not overwritten by the next
+    step's forward, whose gradient may come from fused_loss's buffer cache."""
+    xx = x.clone().requires_grad_()
+    loss_fn(xx, target).backward()
+    kept = xx.grad
+    before = kept.clone()
+    xx.grad = None
+    z = (x * 2).requires_grad_()
+    loss_fn(z, target).backward()
+    assert torch.equal(kept, before)
+    assert kept.data_ptr() != z.grad.data_ptr()
+
+
+def check_retained_graph_and_repeated_grad_calls(loss_fn, x, expected):
+    """Every backward through a retained graph gives `expected` (d loss_fn(x) / dx), even after
+    the user writes into an earlier result, and accumulates in x.grad."""
+    xx = x.clone().requires_grad_()
+    loss = loss_fn(xx)
+    (g1,) = torch.autograd.grad(loss, xx, retain_graph=True)
+    torch.testing.assert_close(g1, expected)
+    g1.mul_(100)  # a user scribbling on the first result must not change the second
+    (g2,) = torch.autograd.grad(loss, xx, retain_graph=True)
+    torch.testing.assert_close(g2, expected)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(xx.grad, 2 * expected)
