@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .composite import REDUCTION_NAMES
 from .ops import acc_dtype
 
 
@@ -48,29 +49,17 @@ def shaped(softcap, temperature) -> bool:
 
 
 def _reduce(terms: Tensor, reduction: int, denominator: Tensor, dtype) -> Tensor:
-    if reduction == 0:
-        return terms.to(dtype)
-    total = terms.sum() if reduction == 2 else terms.sum() / denominator
-    return total.to(dtype)
+    return reference.reduce_terms(terms, REDUCTION_NAMES[reduction], denominator).to(dtype)
 
 
 def _accuracy(correct: Tensor, valid: Tensor) -> Tensor:
     return correct.sum(dtype=torch.float32) / valid.sum(dtype=torch.float32)
 
 
-def _token_weights(target, weight, ignore_index, dtype):
-    target = target.long()  # a uint8 target is compared as an integer, never wrapped
-    valid = target != ignore_index
-    if weight is None:
-        return valid.to(dtype), valid
-    t = torch.where(valid, target, 0)
-    return weight.reshape(-1).to(dtype)[t] * valid, valid
-
-
 def stats_from_kernel(st: Tensor, target, weight, ignore_index, reduction, loss_dtype) -> CrossEntropyStats:
     """The statistics from the row kernel's (5, rows) output: max, log_sum, entropy, correct, z term."""
     shape = target.shape
-    w, valid = _token_weights(target, weight, ignore_index, st.dtype)
+    w, valid = reference.token_weights(target, weight, ignore_index, st.dtype)
     correct = st[3].view(shape) != 0
     # A row whose max is +-inf has a NaN log_sum (its loss is NaN); its lse is torch's, the max.
     lse = torch.where(st[0].isinf() & st[1].isnan(), st[0], st[0] + st[1])
@@ -91,9 +80,8 @@ def composed_stats(x: Tensor, z: Tensor, target, weight, ignore_index, reduction
     if target.shape == z.shape:  # probabilities: the most probable target class
         correct = x.gather(1, target.argmax(1, keepdim=True)).squeeze(1) == x.amax(1)
         return CrossEntropyStats(z_term, lse, entropy, correct, _accuracy(correct, torch.ones_like(correct)))
-    target = target.long()
-    valid = target != ignore_index
-    t = torch.where(valid, target, 0).unsqueeze(1)
+    _, valid = reference.token_weights(target, None, ignore_index, z.dtype)
+    t = torch.where(valid, target.long(), 0).unsqueeze(1)
     correct = (x.gather(1, t).squeeze(1) == x.amax(1)) & valid
     zero = torch.zeros((), dtype=lse.dtype)
     return CrossEntropyStats(z_term, torch.where(valid, lse, zero), torch.where(valid, entropy, zero), correct,

@@ -156,7 +156,7 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
     loss = ops.cross_entropy_prob_forward(z, t, w, red, float(label_smoothing))[0]
     if z_loss:
         terms, denominator = reference.z_loss_terms(z, t, w, ignore_index, z_loss)
-        loss = loss + (terms if red == 0 else terms.sum() if red == 2 else terms.sum() / denominator)
+        loss = loss + reference.reduce_terms(terms, composite.REDUCTION_NAMES[red], denominator)
     loss = loss.to(dtype)
     if not return_stats:
         return loss, None

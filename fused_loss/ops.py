@@ -257,53 +257,19 @@ def _elementwise_fake_forward(input, target, reduction, compute_grad):
     return loss, grad
 
 
-@register_fake("fused_loss::binary_cross_entropy_with_logits_forward")
-def _(input, target, weight, pos_weight, reduction, compute_grad):
-    return _elementwise_fake_forward(input, target, reduction, compute_grad)
-
-
-@register_fake("fused_loss::binary_cross_entropy_with_logits_backward")
-def _(grad, input, target, weight, pos_weight, reduction, input_grad, target_grad):
-    return _grad_pair_fake(input, target, input_grad, target_grad)
-
-
-@register_fake("fused_loss::smooth_l1_loss_forward")
-def _(input, target, reduction, beta, compute_grad):
-    return _elementwise_fake_forward(input, target, reduction, compute_grad)
-
-
-@register_fake("fused_loss::smooth_l1_loss_backward")
-def _(grad, input, target, reduction, beta, input_grad, target_grad):
-    return _grad_pair_fake(input, target, input_grad, target_grad)
-
-
-@register_fake("fused_loss::huber_loss_forward")
-def _(input, target, weight, reduction, delta, compute_grad):
-    return _elementwise_fake_forward(input, target, reduction, compute_grad)
-
-
-@register_fake("fused_loss::huber_loss_backward")
-def _(grad, input, target, weight, reduction, delta, input_grad, target_grad):
-    return _grad_pair_fake(input, target, input_grad, target_grad)
-
-
-@register_fake("fused_loss::sigmoid_focal_loss_forward")
-def _(input, target, reduction, alpha, gamma, compute_grad):
-    return _elementwise_fake_forward(input, target, reduction, compute_grad)
-
-
-@register_fake("fused_loss::sigmoid_focal_loss_backward")
-def _(grad, input, target, reduction, alpha, gamma, input_grad, target_grad):
-    return _grad_pair_fake(input, target, input_grad, target_grad)
-
-
 def _register_elementwise_autograd(name: str, n_tensors: int):
-    """Autograd for <name>_forward and <name>_backward, whose first n_tensors arguments are
+    """Fake kernels and autograd for <name>_forward and <name>_backward, whose first n_tensors arguments are
     tensors (input, target, then optional weights) and the rest plain options (the forward's
     last one is compute_grad). A weight that needs a gradient (Huber's; torch refuses it for
     BCE before any op is called) gets all gradients from the composition."""
     backward_op = getattr(ops, f"{name}_backward")
     loss_fn = getattr(composite, f"{name}_forward")
+
+    # Fake kernels: forward (*tensors, reduction, *params, compute_grad); backward
+    # (grad, input, target, *operands, reduction, *params, input_grad, target_grad).
+    register_fake(f"fused_loss::{name}_forward",
+                  lambda *a: _elementwise_fake_forward(a[0], a[1], a[n_tensors], a[-1]))
+    register_fake(f"fused_loss::{name}_backward", lambda *a: _grad_pair_fake(a[1], a[2], a[-2], a[-1]))
 
     def setup_context(ctx, inputs, output):
         _, grad = output

@@ -22,6 +22,23 @@ def shaped_logits(input, softcap=None, temperature: float = 1.0):
     return z
 
 
+def token_weights(target, weight, ignore_index: int, dtype):
+    """(w, valid) of class-index targets: each token's class weight (1 without weights; 0 where
+    ignored), and the non-ignored mask. A uint8 target is compared as an integer, never wrapped."""
+    target = target.long()
+    valid = target != ignore_index
+    if weight is None:
+        return valid.to(dtype), valid
+    return weight.reshape(-1).to(dtype)[torch.where(valid, target, 0)] * valid, valid
+
+
+def reduce_terms(terms, reduction: str, denominator):
+    """Per-token terms reduced as the loss: 'mean' divides by the loss's own denominator."""
+    if reduction == "none":
+        return terms
+    return terms.sum() if reduction == "sum" else terms.sum() / denominator
+
+
 def z_loss_terms(z, target, weight=None, ignore_index: int = -100, z_loss: float = 0.0):
     """Each token's z-loss term z_loss * w * logsumexp(z)^2 and the denominator of its 'mean':
     w is the token's class weight (1 without weights, 0 where ignored) for class-index targets,
@@ -30,12 +47,9 @@ def z_loss_terms(z, target, weight=None, ignore_index: int = -100, z_loss: float
         lse = torch.logsumexp(z, 1)
         w = torch.ones_like(lse)
     else:
-        target = target.long()  # a uint8 target is compared as an integer, never wrapped
-        valid = target != ignore_index
+        w, valid = token_weights(target, weight, ignore_index, z.dtype)
         # Ignored rows' logits do not enter at all (an ignored row of -inf would make 0 * inf).
         lse = torch.logsumexp(torch.where(valid.unsqueeze(1), z, 0), 1)
-        t = torch.where(valid, target, 0)
-        w = valid.to(lse.dtype) if weight is None else weight.reshape(-1).to(lse.dtype)[t] * valid
     return z_loss * w * lse * lse, w.sum()
 
 
@@ -55,10 +69,7 @@ def cross_entropy_with_options(input, target, weight=None, ignore_index: int = -
     if z_loss == 0.0:
         return loss
     terms, denominator = z_loss_terms(z, target, weight, ignore_index, z_loss)
-    if reduction == "none":
-        return loss + terms.to(loss.dtype)
-    total = terms.sum() if reduction == "sum" else terms.sum() / denominator
-    return loss + total.to(loss.dtype)
+    return loss + reduce_terms(terms, reduction, denominator).to(loss.dtype)
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
