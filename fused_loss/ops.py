@@ -91,7 +91,7 @@ def _(input, target, weight, reduction, ignore_index, label_smoothing, compute_g
     _check_input(input)
     torch._check(tuple(target.shape) == _row_shape(input), lambda: "target shape does not match input")
     loss = input.new_empty(target.shape if reduction == 0 else ())
-    in_pass = compute_grad and input.dim() == 2 and reduction != 0  # csrc: in_pass_gradient
+    in_pass = compute_grad and input.dim() >= 2 and reduction != 0  # csrc: in_pass_gradient
     grad = torch.empty_like(input, memory_format=torch.contiguous_format) if in_pass else input.new_empty((0,))
     return loss, _row_stats_fake(input, 5 if return_stats else 2), grad
 

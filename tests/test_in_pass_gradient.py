@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_loss
+from fused_loss import reference
 from helpers import (assert_close_to_torch, check_kept_gradient_survives_the_next_step,
                      check_retained_graph_and_repeated_grad_calls)
 
@@ -13,15 +14,16 @@ OPTIONS = [dict(), dict(label_smoothing=0.1), dict(weight=True), dict(weight=Tru
            dict(ignore_index=0)]
 
 
-def _case(rows, classes, dtype, opts, seed=0):
+def _case(rows, classes, dtype, opts, seed=0, spatial=()):
+    """(rows, classes) logits, or (rows, classes, *spatial) with a target per position."""
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(rows, classes, generator=g, dtype=torch.float64) * 3).to(dtype)
-    t = torch.randint(0, classes, (rows,), generator=g)
+    x = (torch.randn(rows, classes, *spatial, generator=g, dtype=torch.float64) * 3).to(dtype)
+    t = torch.randint(0, classes, (rows, *spatial), generator=g)
     kw = dict(opts)
     if kw.pop("weight", False):
         kw["weight"] = (torch.rand(classes, generator=g, dtype=torch.float64) + 0.1).to(dtype)
     if "ignore_index" in kw:
-        t[::3] = kw["ignore_index"]
+        t.view(-1)[::3] = kw["ignore_index"]
     return x, t, kw
 
 
@@ -43,10 +45,28 @@ def test_backward_of_one_in_other_dtypes(dtype):
     _check(64, 1000, dtype, dict(label_smoothing=0.1, weight=True), "mean")
 
 
-def _check(rows, classes, dtype, opts, reduction):
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("opts", OPTIONS + [dict(z_loss=1e-3)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 21, (7, 5)), (2, 300, (33,)), (3, 5, (1,)), (1, 2, (2, 2, 2))], ids=str)
+def test_k_dim_backward_of_one_matches_torch(shape, opts, reduction):
+    """(N, C, d...) input: the column path writes its gradient in the forward too (tiles of
+    vector lanes, a partial last tile)."""
+    if "z_loss" in opts:
+        x, t, _ = _case(shape[0], shape[1], torch.float32, {}, spatial=shape[2])
+        xx = x.clone().requires_grad_()
+        fused_loss.cross_entropy(xx, t, reduction=reduction, z_loss=1e-3).backward()
+        xr = x.double().requires_grad_()
+        (F.cross_entropy(xr, t, reduction=reduction)
+         + reference.reduce_terms(1e-3 * torch.logsumexp(xr, 1) ** 2, reduction, t.numel())).backward()
+        torch.testing.assert_close(xx.grad, xr.grad.float())
+        return
+    _check(shape[0], shape[1], torch.float32, opts, reduction, spatial=shape[2])
+
+
+def _check(rows, classes, dtype, opts, reduction, spatial=()):
     """tests/helpers.py's rule: torch's tolerance in float32/64, and for 16-bit types an error
     against float64 at most twice torch's own."""
-    x, t, kw = _case(rows, classes, dtype, opts)
+    x, t, kw = _case(rows, classes, dtype, opts, spatial=spatial)
     ours, theirs = _grad(fused_loss.cross_entropy, x, t, kw, reduction), _grad(F.cross_entropy, x, t, kw, reduction)
     ref = _grad(F.cross_entropy, x.double(), t, {k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()},
                 reduction)
@@ -58,7 +78,8 @@ def test_the_forward_writes_the_gradient_only_when_it_is_needed():
     ops = torch.ops.fused_loss
     assert ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, True)[2].shape == x.shape
     assert ops.cross_entropy_forward(x, t, None, 0, -100, 0.0, True)[2].numel() == 0  # 'none' recomputes
-    assert ops.cross_entropy_forward(x.view(16, 50, 1), t.view(16, 1), None, 1, -100, 0.0, True)[2].numel() == 0
+    assert ops.cross_entropy_forward(x.view(4, 50, 4), t.view(4, 4), None, 1, -100, 0.0, True)[2].shape == (4, 50, 4)
+    assert ops.cross_entropy_forward(x, t, None, 1, -100, 0.0, False)[2].numel() == 0
     # the public function asks for it only when the input needs a gradient
     loss = fused_loss.cross_entropy(x, t)
     assert loss.grad_fn is None
@@ -113,5 +134,9 @@ def test_in_pass_bits_equal_the_backward_recomputation(threads):
         _, _, few = ops.cross_entropy_forward(x[:3], t[:3], kw["weight"], 2, -100, 0.1, True)
         _, _, many = ops.cross_entropy_forward(x, t, kw["weight"], 2, -100, 0.1, True)
         assert torch.equal(few, many[:3])
+        xk, tk = x.view(8, 8, 3000).transpose(1, 2).contiguous(), t[:64].view(8, 8)  # (N, C, d)
+        _, stats, in_pass = ops.cross_entropy_forward(xk, tk, kw["weight"], 1, -100, 0.1, True)
+        recomputed = ops.cross_entropy_backward(torch.ones(()), xk, tk, kw["weight"], stats, 1, -100, 0.1)
+        assert torch.equal(in_pass, recomputed)
     finally:
         torch.set_num_threads(before)

@@ -13,7 +13,6 @@ void class_backward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T
                          int64_t ignore_index, const CrossEntropyParams<acc_t<T>>& p, const RowStats<acc_t<T>>& stats,
                          const acc_t<T>* grad_rows, acc_t<T> grad_all, T* dx, const Logits& logits = {}) {
   using A = acc_t<T>;
-  using V = AccVec<T>;
   const A* wp = w.empty() ? nullptr : w.data();
   const ClassRowGrad<T, S, Logits> row_line{y, wp, ignore_index, p, stats, grad_rows, grad_all, logits};
   if (g.inner == 1) {
@@ -24,47 +23,11 @@ void class_backward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T
   }
   if constexpr (Logits::kShaped) {
     TORCH_CHECK(false, "fused_loss internal error: softcap and temperature reach the kernel for (N, C) input only");
+  } else {
+    for_each_column_tile<T>(g, [&](int64_t n, int64_t j0, int64_t nl) {
+      column_tile_grad(row_line, x, dx, g, n, j0, nl);
+    });
   }
-  for_each_column_tile<T>(g, [&](int64_t n, int64_t j0, int64_t nl) {
-    // Lanes are rows; `zero` marks ignored rows and the lanes past the tile (their output
-    // is 0 even where exp overflows). Targets are matched as integers, in class order:
-    // (class, lane) pairs sorted by class, walked beside the class loop (a float compare
-    // cannot tell classes apart above 2^24).
-    __at_align__ A a[kLanes<T>] = {}, b[kLanes<T>] = {}, ty[kLanes<T>] = {}, m[kLanes<T>] = {},
-                   zero[kLanes<T>];
-    std::pair<int64_t, int64_t> targets[kLanes<T>];
-    int64_t nt = 0;
-    for (int64_t j = 0; j < kLanes<T>; ++j) {
-      zero[j] = A(1);
-      if (j >= nl) continue;
-      const int64_t row = n * g.inner + j0 + j;
-      if (y[row] == ignore_index) continue;
-      const auto cf = row_line.coefs(row);
-      a[j] = cf.a * softmax_scale(stats.log_sum()[row]), b[j] = cf.b, ty[j] = cf.t_y, zero[j] = A(0);
-      m[j] = stats.max()[row];
-      targets[nt++] = {y[row], j};
-    }
-    std::sort(targets, targets + nt);
-    const V va = V::loadu(a), vb = V::loadu(b), vm = V::loadu(m);
-    const V zeroed = V::loadu(zero) != V(0);
-    const T* xb = x + n * g.classes * g.inner + j0;
-    T* ob = dx + n * g.classes * g.inner + j0;
-    int64_t next = 0;  // next target pair to apply
-    for (int64_t c = 0; c < g.classes; ++c) {
-      const V v = load_vec(xb + c * g.inner, nl);
-      V o = (v - vm).exp_u20() * va;
-      if constexpr (S == Smooth::kUniform) o = o - vb;
-      if constexpr (S == Smooth::kWeighted) o = o - vb * V(wp[c]);
-      o = V::blendv(o, V(0), zeroed);
-      if (next < nt && targets[next].first == c) {
-        __at_align__ A tmp[kLanes<T>];
-        o.store(tmp);
-        for (; next < nt && targets[next].first == c; ++next) tmp[targets[next].second] -= ty[targets[next].second];
-        o = V::loadu(tmp);
-      }
-      store_vec(ob + c * g.inner, o, nl);
-    }
-  });
 }
 
 // stats: the forward's first two parts (row maxima and log-sums).

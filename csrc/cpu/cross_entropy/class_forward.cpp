@@ -8,9 +8,40 @@ inline namespace CPU_CAPABILITY {
 namespace ce {
 namespace {
 
+// The column path (inner > 1) of class_forward_impl: each tile's stats, then, with dx, its
+// gradient while the tile's C lines are still in cache.
+template <typename T, Smooth S, typename FinishRow>
+void column_forward(const T* x, const int64_t* y, const acc_t<T>* wp, const Geometry& g, int64_t ignore_index,
+                    const CrossEntropyParams<acc_t<T>>& p, const RowStats<acc_t<T>>& stats, acc_t<T>* loss,
+                    T* dx, acc_t<T> grad_all, FinishRow finish_row) {
+  using A = acc_t<T>;
+  using V = AccVec<T>;
+  const ClassRowGrad<T, S> grad{y, wp, ignore_index, p, stats, nullptr, grad_all};
+  for_each_column_tile<T>(g, [&](int64_t n, int64_t j0, int64_t nl) {
+    const T* xb = x + n * g.classes * g.inner + j0;
+    V vmax, vsum, r;
+    CompensatedSum<A> vx;
+    column_stats<T>(xb, g, nl, vmax, vsum, r, [&](int64_t c, const V& v, const V& rr) {
+      if constexpr (S == Smooth::kUniform) vx.add(v - rr);
+      if constexpr (S == Smooth::kWeighted) vx.add((v - rr) * V(wp[c]));
+    });
+    __at_align__ A am[kLanes<T>], as[kLanes<T>], ar[kLanes<T>], ax[kLanes<T>];
+    vmax.store(am), vsum.store(as), r.store(ar), vx.value().store(ax);
+    for (int64_t j = 0; j < nl; ++j) {
+      const int64_t row = n * g.inner + j0 + j;
+      if (y[row] == ignore_index) {
+        loss[row] = A(0);
+      } else {
+        finish_row(row, am[j], as[j], ar[j], ax[j], static_cast<A>(xb[y[row] * g.inner + j]), y[row]);
+      }
+    }
+    if (dx) column_tile_grad(grad, x, dx, g, n, j0, nl);
+  });
+}
+
 // dx: where the gradient of the loss (upstream gradient grad_all for every row) is written
-// in the same pass, or null for the loss alone. Only the row path (inner == 1) takes one, and
-// shaped logits (the column path gets plain ones: see RowOptions).
+// in the same pass, or null for the loss alone. Only the row path (inner == 1) takes shaped
+// logits (the column path gets plain ones: see RowOptions).
 template <typename T, Smooth S, typename Logits = PlainLogits<T>>
 void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>>& w, const Geometry& g,
                         int64_t ignore_index, const CrossEntropyParams<acc_t<T>>& p, const RowStats<acc_t<T>>& stats,
@@ -66,31 +97,14 @@ void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>
   if constexpr (Logits::kShaped) {
     TORCH_CHECK(false, "fused_loss internal error: softcap, temperature and statistics reach the kernel for (N, C) "
                 "input only");
+  } else {
+    column_forward<T, S>(x, y, wp, g, ignore_index, p, stats, loss, dx, grad_all, finish_row);
   }
-  for_each_column_tile<T>(g, [&](int64_t n, int64_t j0, int64_t nl) {
-    const T* xb = x + n * g.classes * g.inner + j0;
-    V vmax, vsum, r;
-    CompensatedSum<A> vx;
-    column_stats<T>(xb, g, nl, vmax, vsum, r, [&](int64_t c, const V& v, const V& rr) {
-      if constexpr (S == Smooth::kUniform) vx.add(v - rr);
-      if constexpr (S == Smooth::kWeighted) vx.add((v - rr) * V(wp[c]));
-    });
-    __at_align__ A am[kLanes<T>], as[kLanes<T>], ar[kLanes<T>], ax[kLanes<T>];
-    vmax.store(am), vsum.store(as), r.store(ar), vx.value().store(ax);
-    for (int64_t j = 0; j < nl; ++j) {
-      const int64_t row = n * g.inner + j0 + j;
-      if (y[row] == ignore_index) {
-        loss[row] = A(0);
-      } else {
-        finish_row(row, am[j], as[j], ar[j], ax[j], static_cast<A>(xb[y[row] * g.inner + j]), y[row]);
-      }
-    }
-  });
 }
 
 // compute_grad: also return the gradient of the loss for an upstream gradient of 1, written
-// in the pass that reads the logits (reductions 'mean' and 'sum' of (N, C) input; otherwise an
-// empty tensor, and the backward recomputes). The backward then has nothing left to do.
+// in the pass that reads the logits (reductions 'mean' and 'sum'; for 'none' an empty tensor,
+// and the backward recomputes). The backward then has nothing left to do.
 // softcap, temperature, z_loss and return_stats: see RowOptions ((N, C) input only; z_loss
 // also for (N, C, d...)).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(

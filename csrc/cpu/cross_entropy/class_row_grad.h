@@ -76,6 +76,53 @@ struct ClassRowGrad {
   }
 };
 
+// The gradient of one column tile (inner > 1: kLanes rows of sample n from position j0, nl
+// of them; see for_each_column_tile), written by the forward after the tile's stats are
+// final (the tile's C lines still in cache) and by the backward.
+template <typename T, Smooth S>
+void column_tile_grad(const ClassRowGrad<T, S>& line, const T* x, T* dx, const Geometry& g, int64_t n, int64_t j0,
+                      int64_t nl) {
+  using A = acc_t<T>;
+  using V = AccVec<T>;
+  // Lanes are rows; `zero` marks ignored rows and the lanes past the tile (their output
+  // is 0 even where exp overflows). Targets are matched as integers, in class order:
+  // (class, lane) pairs sorted by class, walked beside the class loop (a float compare
+  // cannot tell classes apart above 2^24).
+  __at_align__ A a[kLanes<T>] = {}, b[kLanes<T>] = {}, ty[kLanes<T>] = {}, m[kLanes<T>] = {}, zero[kLanes<T>];
+  std::pair<int64_t, int64_t> targets[kLanes<T>];
+  int64_t nt = 0;
+  for (int64_t j = 0; j < kLanes<T>; ++j) {
+    zero[j] = A(1);
+    if (j >= nl) continue;
+    const int64_t row = n * g.inner + j0 + j;
+    if (line.ignored(row)) continue;
+    const auto cf = line.coefs(row);
+    a[j] = cf.a * softmax_scale(line.stats.log_sum()[row]), b[j] = cf.b, ty[j] = cf.t_y, zero[j] = A(0);
+    m[j] = line.stats.max()[row];
+    targets[nt++] = {line.y[row], j};
+  }
+  std::sort(targets, targets + nt);
+  const V va = V::loadu(a), vb = V::loadu(b), vm = V::loadu(m);
+  const V zeroed = V::loadu(zero) != V(0);
+  const T* xb = x + n * g.classes * g.inner + j0;
+  T* ob = dx + n * g.classes * g.inner + j0;
+  int64_t next = 0;  // next target pair to apply
+  for (int64_t c = 0; c < g.classes; ++c) {
+    const V v = load_vec(xb + c * g.inner, nl);
+    V o = (v - vm).exp_u20() * va;
+    if constexpr (S == Smooth::kUniform) o = o - vb;
+    if constexpr (S == Smooth::kWeighted) o = o - vb * V(line.wp[c]);
+    o = V::blendv(o, V(0), zeroed);
+    if (next < nt && targets[next].first == c) {
+      __at_align__ A tmp[kLanes<T>];
+      o.store(tmp);
+      for (; next < nt && targets[next].first == c; ++next) tmp[targets[next].second] -= ty[targets[next].second];
+      o = V::loadu(tmp);
+    }
+    store_vec(ob + c * g.inner, o, nl);
+  }
+}
+
 // ---------------------------------------------------------------------------------
 // Operator entry points
 

@@ -145,11 +145,11 @@ RowLse<A> row_lse(A m, A s) {
   return {m, std::log(s)};
 }
 
-// Whether a forward asked for the gradient writes it in its own pass: (N, C) input and a
-// reduced loss. For 'none' the upstream gradient differs per row, and scaling a stored gradient
-// would cost a pass more than recomputing it from the logits; (N, C, d...) input recomputes too.
+// Whether a forward asked for the gradient writes it in its own pass: a reduced loss. For 'none'
+// the upstream gradient differs per row, and scaling a stored gradient would cost a pass more
+// than recomputing it from the logits.
 inline bool in_pass_gradient(const at::Tensor& input, Reduction red) {
-  return input.dim() == 2 && red != Reduction::None;
+  return input.dim() >= 2 && red != Reduction::None;
 }
 
 // 1 / sum_c exp(x_c - max) = exp(-log_sum): softmax(x)_c = exp(x_c - max) * softmax_scale.
