@@ -32,10 +32,10 @@ TORCH_LIBRARY(fused_loss, m) {
       "int reduction, int ignore_index, float label_smoothing, float? softcap=None, float temperature=1.0, "
       "float z_loss=0.0) -> Tensor");
   // Probability targets (same shape as input). Its stats have a third row: each row's sum
-  // of weighted smoothed targets.
+  // of weighted smoothed targets. compute_grad: the input's gradient, as cross_entropy_forward.
   m.def(
       "cross_entropy_prob_forward(Tensor input, Tensor target, Tensor? weight, int reduction, "
-      "float label_smoothing) -> (Tensor loss, Tensor stats)");
+      "float label_smoothing, bool compute_grad=False) -> (Tensor loss, Tensor stats, Tensor grad)");
   m.def(
       "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor stats, "
       "int reduction, float label_smoothing, bool input_grad, bool target_grad) -> (Tensor, Tensor)");

@@ -126,9 +126,8 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
             z = reference.shaped_logits(z, softcap, temperature)
         # The gradient is written in the forward's pass when it will be needed (see README);
         # under torch.compile the backward recomputes it (no host read of the upstream gradient).
-        compute_grad = z.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         loss, st, _ = ops.cross_entropy_forward(z, target, w, red, ignore_index, float(label_smoothing),
-                                                compute_grad, softcap if fused else None,
+                                                _in_pass_grad(z), softcap if fused else None,
                                                 temperature if fused else 1.0, z_loss, return_stats and fused)
         loss = loss.to(input.dtype)
         if not return_stats:
@@ -153,7 +152,10 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
         z, t = _at_least_float32(input), _at_least_float32(target)
         w = None if weight is None else _at_least_float32(weight)
         z = reference.shaped_logits(z, softcap, temperature)
-    loss = ops.cross_entropy_prob_forward(z, t, w, red, float(label_smoothing))[0]
+    # The input's gradient in the forward's pass (not when the weight needs one: the backward
+    # then computes every gradient by the composite formula).
+    compute_grad = _in_pass_grad(z) and not (w is not None and w.requires_grad)
+    loss = ops.cross_entropy_prob_forward(z, t, w, red, float(label_smoothing), compute_grad)[0]
     if z_loss:
         terms, denominator = reference.z_loss_terms(z, t, w, ignore_index, z_loss)
         loss = loss + reference.reduce_terms(terms, composite.REDUCTION_NAMES[red], denominator)
@@ -173,8 +175,8 @@ def _check_floating_input(input: Tensor, name: str):
 
 
 def _in_pass_grad(input: Tensor) -> bool:
-    """Whether an elementwise loss's forward should also write the input's gradient (used when
-    the reduction is 'mean' or 'sum'): when it will be needed, and not under torch.compile,
+    """Whether a loss's forward should also write the input's gradient (used when the reduction
+    is 'mean' or 'sum'): when it will be needed, and not under torch.compile,
     where the backward recomputes it (no host read of the upstream gradient)."""
     return input.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 

@@ -177,11 +177,13 @@ register_autograd("fused_loss::cross_entropy_backward", _ce_grad_backward, setup
 # --- probability targets -------------------------------------------------------------
 
 @register_fake("fused_loss::cross_entropy_prob_forward")
-def _(input, target, weight, reduction, label_smoothing):
+def _(input, target, weight, reduction, label_smoothing, compute_grad=False):
     _check_input(input)
     torch._check(target.shape == input.shape, lambda: "probability targets must have the input's shape")
     loss = input.new_empty(_row_shape(input) if reduction == 0 else ())
-    return loss, _row_stats_fake(input, 3)
+    in_pass = compute_grad and input.dim() >= 2 and reduction != 0  # csrc: in_pass_gradient
+    grad = torch.empty_like(input, memory_format=torch.contiguous_format) if in_pass else input.new_empty((0,))
+    return loss, _row_stats_fake(input, 3), grad
 
 
 @register_fake("fused_loss::cross_entropy_prob_backward")
@@ -191,16 +193,21 @@ def _(grad_loss, input, target, weight, stats, reduction, label_smoothing, input
 
 
 def _ce_prob_setup_context(ctx, inputs, output):
-    input, target, weight, reduction, label_smoothing = inputs
-    ctx.mark_non_differentiable(output[1])
+    input, target, weight, reduction, label_smoothing, *_ = inputs
+    _, stats, grad = output
+    ctx.mark_non_differentiable(stats, grad)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, target, weight, output[1])
+    ctx.save_for_backward(input, target, weight, stats)
     ctx.args = (reduction, label_smoothing)
+    ctx.n_inputs = len(inputs)
+    ctx.in_pass_grad = grad if grad.numel() > 0 else None  # the input's, handed out once (see _ce_setup_context)
 
 
-def _ce_prob_backward(ctx, grad_loss, grad_stats):
+def _ce_prob_backward(ctx, grad_loss, grad_stats, grad_grad):
+    in_pass, ctx.in_pass_grad = ctx.in_pass_grad, None  # never handed out or read twice
+    none = (None,) * (ctx.n_inputs - 3)
     if grad_loss is None:  # no gradient reached the loss (grads are not materialised)
-        return None, None, None, None, None
+        return (None, None, None, *none)
     input, target, weight, stats = ctx.saved_tensors
     need_input, need_target, need_weight = ctx.needs_input_grad[:3]
     if need_weight:
@@ -208,12 +215,19 @@ def _ce_prob_backward(ctx, grad_loss, grad_stats):
         # composite formula gives every gradient, the weight's included.
         grads = composite.vjp(lambda x, t, w: composite.cross_entropy_prob_forward(x, t, w, *ctx.args),
                               [input, target, weight], [need_input, need_target, True], grad_loss)
-        return (*grads, None, None)
+        return (*grads, *none)
     if not (need_input or need_target):
-        return None, None, None, None, None
-    dx, dt = ops.cross_entropy_prob_backward(grad_loss, input, target, weight, stats, *ctx.args, need_input,
-                                             need_target)
-    return (dx if need_input else None), (dt if need_target else None), None, None, None
+        return (None, None, None, *none)
+    # The forward's gradient of the input, as for class-index targets: for an upstream gradient
+    # of exactly 1, once, not under create_graph. The target's is always computed here.
+    dx = None
+    if need_input and in_pass is not None and not torch.is_grad_enabled() and _is_exactly_one(grad_loss):
+        dx, need_input = in_pass, False
+    if need_input or need_target:
+        gx, gt = ops.cross_entropy_prob_backward(grad_loss, input, target, weight, stats, *ctx.args, need_input,
+                                                 need_target)
+        dx = gx if need_input else dx
+    return dx, (gt if need_target else None), None, *none
 
 
 register_autograd("fused_loss::cross_entropy_prob_forward", _ce_prob_backward, setup_context=_ce_prob_setup_context)

@@ -140,3 +140,73 @@ def test_in_pass_bits_equal_the_backward_recomputation(threads):
         assert torch.equal(in_pass, recomputed)
     finally:
         torch.set_num_threads(before)
+
+
+def _prob_case(rows, classes, spatial=(), seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, classes, *spatial, generator=g, dtype=torch.float64) * 3).to(dtype)
+    t = torch.softmax(torch.randn(rows, classes, *spatial, generator=g, dtype=torch.float64) * 2, 1).to(dtype)
+    return x, t
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1), dict(weight=True, label_smoothing=0.2)], ids=str)
+@pytest.mark.parametrize("shape", [(64, 1000, ()), (3, 70001, ()), (40, 33000, ()), (1, 1, ()), (4, 21, (7, 5)),
+                                   (2, 300, (33,))], ids=str)
+def test_probability_targets_backward_of_one_matches_torch(shape, opts, reduction):
+    rows, classes, spatial = shape
+    x, t = _prob_case(rows, classes, spatial)
+    kw = dict(opts)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(classes, dtype=torch.float64) + 0.1
+    grads = []
+    for f, dt in [(fused_loss.cross_entropy, torch.float32), (F.cross_entropy, torch.float32),
+                  (F.cross_entropy, torch.float64)]:
+        xx = x.to(dt).clone().requires_grad_()
+        kk = {k: (v.to(dt) if torch.is_tensor(v) else v) for k, v in kw.items()}
+        f(xx, t.to(dt), reduction=reduction, **kk).backward()
+        grads.append(xx.grad)
+    assert_close_to_torch(grads[0], grads[1], grads[2], "gradient")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_probability_targets_in_pass_bits_equal_the_backward_recomputation(threads):
+    x, t = _prob_case(64, 3000)
+    w = torch.rand(3000) + 0.1
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ops = torch.ops.fused_loss
+        for xx, tt in [(x, t), (x[:3], t[:3]), (x.view(8, 8, 3000).transpose(1, 2).contiguous(),
+                                                 t.view(8, 8, 3000).transpose(1, 2).contiguous())]:
+            _, stats, in_pass = ops.cross_entropy_prob_forward(xx, tt, w, 1, 0.1, True)
+            recomputed, _ = ops.cross_entropy_prob_backward(torch.ones(()), xx, tt, w, stats, 1, 0.1, True, False)
+            both = ops.cross_entropy_prob_backward(torch.ones(()), xx, tt, w, stats, 1, 0.1, True, True)
+            target_only = ops.cross_entropy_prob_backward(torch.ones(()), xx, tt, w, stats, 1, 0.1, False, True)
+            assert torch.equal(in_pass, recomputed) and torch.equal(in_pass, both[0])
+            assert torch.equal(both[1], target_only[1])
+        _, _, few = ops.cross_entropy_prob_forward(x[:3], t[:3], w, 2, 0.1, True)
+        _, _, many = ops.cross_entropy_prob_forward(x, t, w, 2, 0.1, True)
+        assert torch.equal(few, many[:3])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_probability_targets_autograd_semantics():
+    """The in-pass gradient of the input beside the target's (computed by the backward), a
+    retained graph, scaled losses, and a kept gradient that the next forward must not touch."""
+    x, t = _prob_case(32, 500)
+    tt = t.clone().requires_grad_()
+    xx, xr, tr = x.clone().requires_grad_(), x.clone().requires_grad_(), t.clone().requires_grad_()
+    fused_loss.cross_entropy(xx, tt, label_smoothing=0.1).backward()
+    F.cross_entropy(xr, tr, label_smoothing=0.1).backward()
+    torch.testing.assert_close(xx.grad, xr.grad)
+    torch.testing.assert_close(tt.grad, tr.grad)
+    expected = _grad(F.cross_entropy, x, t, {}, "mean")
+    check_retained_graph_and_repeated_grad_calls(lambda v: fused_loss.cross_entropy(v, t), x, expected)
+    for scale in (0.5, 3.0):
+        xs = x.clone().requires_grad_()
+        (scale * fused_loss.cross_entropy(xs, t)).backward()
+        torch.testing.assert_close(xs.grad, scale * expected)
+    xb, tb = _prob_case(64, 20000)
+    check_kept_gradient_survives_the_next_step(fused_loss.cross_entropy, xb, tb)

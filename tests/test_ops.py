@@ -22,7 +22,8 @@ def _class_samples(requires_grad):
 def _prob_samples(requires_grad):
     out = []
     for shape, kw in [((5, 7), dict(weight=None, reduction=1, label_smoothing=0.0)),
-                      ((2, 7, 3), dict(weight=torch.rand(7), reduction=0, label_smoothing=0.1))]:
+                      ((2, 7, 3), dict(weight=torch.rand(7), reduction=0, label_smoothing=0.1)),
+                      ((2, 7, 3), dict(weight=torch.rand(7), reduction=2, label_smoothing=0.1))]:
         x = torch.randn(shape, requires_grad=requires_grad)
         t = torch.softmax(torch.randn(shape), 1).requires_grad_(requires_grad)
         out.append((x, t, kw))
@@ -43,10 +44,10 @@ def test_opcheck_cross_entropy_forward_and_backward(requires_grad):
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck_cross_entropy_prob_forward_and_backward(requires_grad):
-    for x, t, kw in _prob_samples(requires_grad):
-        args = (x, t, kw["weight"], kw["reduction"], kw["label_smoothing"])
+    for (x, t, kw), compute_grad in zip(_prob_samples(requires_grad) * 2, [False] * 3 + [True] * 3):
+        args = (x, t, kw["weight"], kw["reduction"], kw["label_smoothing"], compute_grad)
         torch.library.opcheck(ops.cross_entropy_prob_forward, args)
-        loss, stats = ops.cross_entropy_prob_forward(*args)
+        loss, stats, _ = ops.cross_entropy_prob_forward(*args)
         for input_grad, target_grad in [(True, True), (True, False), (False, True)]:
             torch.library.opcheck(ops.cross_entropy_prob_backward,
                                   (torch.ones_like(loss), x.detach(), t.detach(), kw["weight"], stats.detach(),

@@ -328,52 +328,8 @@ inline void zero_fill(T* out, int64_t n) {
   for_each_aligned_line(out, n, [&](int64_t i, int64_t cnt) { store_or_stream(out + i, zeros, cnt); });
 }
 
-// The gradient of one chunk of a row: n classes from class c0. make_line(row, c0) returns
-// a functor line(i, v, cnt) that turns the logits v of the line at class c0 + i into its
-// gradient, which is stored to `out` unless out is null (a line functor may also write other
-// outputs itself). A row for which `zero` holds gets zeros in `out` without its logits being
-// read. `align` is the output whose alignment decides which lines are streamed; every output
-// is a fresh contiguous tensor of the input's shape, so all share that alignment.
-// `ahead` is how far ahead of each line (in elements) to prefetch: by default a little way
-// along the row; in the one-pass forward, the same place in the next row, which the next
-// statistics pass then finds in cache while this row's gradient is being written.
-// flatten: GCC otherwise stops inlining Vectorized::exp_u20 into this loop (a call per vector
-// costs a third of the pass).
-template <typename T, typename MakeLine>
-FL_FLATTEN inline void grad_chunk(const T* x, T* out, const T* align, int64_t row, int64_t classes, int64_t c0, bool zero,
-                       MakeLine& make_line, int64_t ahead = kPrefetchBytes / int64_t(sizeof(T))) {
-  using V = AccVec<T>;
-  const int64_t n = std::min(kChunk, classes - c0), off = row * classes + c0;
-  if (zero) {
-    zero_fill(out + off, n);
-    return;
-  }
-  auto line = make_line(row, c0);
-  for_each_aligned_line(align + off, n, [&](int64_t i, int64_t cnt) {
-    __builtin_prefetch(x + off + i + ahead, 0, 3);
-    V v[kVecsPerLine<T>];
-    load_line_n(x + off + i, v, cnt);
-    line(i, v, cnt);
-    if (out) store_or_stream(out + off + i, v, cnt);
-  });
-}
-
-// Computes every row's gradient chunk by chunk over all (row, chunk) tasks in parallel (see
-// grad_chunk for the arguments).
-template <typename T, typename Zero, typename MakeLine>
-void row_grad(const T* x, T* out, const T* align, int64_t rows, int64_t classes, Zero zero, MakeLine make_line) {
-  const int64_t nchunks = std::max<int64_t>(1, ceil_div(classes, kChunk));
-  at::parallel_for(0, rows * nchunks, grain_for(std::min(classes, kChunk)), [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t row = task / nchunks, c0 = (task % nchunks) * kChunk;
-      if (c0 < classes) grad_chunk(x, out, align, row, classes, c0, zero(row), make_line);
-    }
-    stream_fence();
-  });
-}
-
 // ---------------------------------------------------------------------------------
-// Gradients from block-relative exponentials (class-index targets)
+// Gradients from block-relative exponentials
 //
 // A block's softmax is e_c * f with e_c = exp(z_c - shift of the block's max mb) and one
 // factor f = exp(mb - m) * (the row's coefficient) per block: e_c is what the statistics pass
@@ -393,7 +349,12 @@ struct BlockIn {
 // The gradient of classes [c0, c0 + n) of one row (x and out at the row's start; c0 a
 // multiple of kBlock). make_block(c, mb) returns, for the block at class c with max mb, a
 // functor line(i, e, slope, cnt) that turns the e of the line at class c + i into its
-// gradient. ahead: prefetch distance (elements) in the logits (see grad_chunk).
+// gradient (the functor may also write other outputs itself). ahead: prefetch distance
+// (elements) in the logits: by default a little way along the row; in the one-pass forward,
+// the same place in the next row, which the next statistics pass then finds in cache while
+// this row's gradient is being written.
+// flatten: GCC otherwise stops inlining Vectorized::exp_u20 into this loop (a call per vector
+// costs a third of the pass).
 template <typename T, typename Logits, typename MakeBlock>
 FL_FLATTEN inline void grad_blocks(const T* x, T* out, int64_t c0, int64_t n, BlockIn<acc_t<T>> in,
                                                  const Logits& logits, const MakeBlock& make_block, int64_t ahead) {
