@@ -18,7 +18,7 @@ TORCH_LIBRARY(fused_loss, m) {
   // Class-index targets. Returns the loss (reduced as asked), the row statistics the
   // backward needs besides the inputs (a (2, rows) tensor of row maxima and log-sums) and,
   // when compute_grad is set, the input's gradient for an upstream gradient of 1, written in
-  // the same pass ((N, C) input, reductions mean and sum; otherwise an empty tensor).
+  // the same pass (reductions mean and sum; otherwise an empty tensor).
   // LLM options: logits z = softcap * tanh(x / softcap) / temperature; z_loss adds
   // z_loss * w_y * lse(z)^2 per row; return_stats makes stats (5, rows): max, log_sum,
   // entropy, correct (0/1) and the z-loss term of each row. softcap, temperature and
@@ -27,6 +27,13 @@ TORCH_LIBRARY(fused_loss, m) {
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index, "
       "float label_smoothing, bool compute_grad, float? softcap=None, float temperature=1.0, float z_loss=0.0, "
       "bool return_stats=False) -> (Tensor loss, Tensor stats, Tensor grad)");
+  // The same for contiguous (N, C) logits that are not needed afterwards, reductions mean and
+  // sum: they are overwritten with the gradient (for an upstream gradient of 1), so no buffer of
+  // their size is allocated (linear cross-entropy's chunks). Not differentiable.
+  m.def(
+      "cross_entropy_forward_grad_in_place(Tensor(a!) input, Tensor target, Tensor? weight, int reduction, "
+      "int ignore_index, float label_smoothing, float? softcap=None, float temperature=1.0, float z_loss=0.0, "
+      "bool return_stats=False) -> (Tensor loss, Tensor stats)");
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor stats, "
       "int reduction, int ignore_index, float label_smoothing, float? softcap=None, float temperature=1.0, "

@@ -96,6 +96,17 @@ def _(input, target, weight, reduction, ignore_index, label_smoothing, compute_g
     return loss, _row_stats_fake(input, 5 if return_stats else 2), grad
 
 
+@register_fake("fused_loss::cross_entropy_forward_grad_in_place")
+def _(input, target, weight, reduction, ignore_index, label_smoothing, softcap=None, temperature=1.0, z_loss=0.0,
+      return_stats=False):
+    _check_input(input)
+    torch._check(input.dim() == 2 and input.is_contiguous() and reduction != 0,
+                 lambda: "fused_loss.cross_entropy_forward_grad_in_place: expected contiguous (N, C) logits and "
+                         "reduction 'mean' or 'sum'")
+    torch._check(tuple(target.shape) == _row_shape(input), lambda: "target shape does not match input")
+    return input.new_empty(()), _row_stats_fake(input, 5 if return_stats else 2)
+
+
 @register_fake("fused_loss::cross_entropy_backward")
 def _(grad_loss, input, target, weight, stats, reduction, ignore_index, label_smoothing, softcap=None,
       temperature=1.0, z_loss=0.0):

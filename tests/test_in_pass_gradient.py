@@ -210,3 +210,38 @@ def test_probability_targets_autograd_semantics():
         torch.testing.assert_close(xs.grad, scale * expected)
     xb, tb = _prob_case(64, 20000)
     check_kept_gradient_survives_the_next_step(fused_loss.cross_entropy, xb, tb)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, weight=True, ignore_index=1),
+                                  dict(softcap=20.0, temperature=0.7, z_loss=1e-3, return_stats=True)], ids=str)
+def test_gradient_in_place_equals_the_forward_gradient(opts, dtype, threads):
+    """cross_entropy_forward_grad_in_place (linear cross-entropy's chunks): the logits become
+    the forward's gradient, bit for bit, with the same loss and stats, on the one-pass path
+    (many rows) and the split path (few)."""
+    opts = dict(opts)
+    llm = {k: opts.pop(k) for k in ("softcap", "temperature", "z_loss", "return_stats") if k in opts}
+    x, t, kw = _case(64, 3000, dtype, opts)
+    args = (kw.get("weight"), 2, kw.get("ignore_index", -100), kw.get("label_smoothing", 0.0))
+    ops = torch.ops.fused_loss
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (64, 3):
+            xr, tr = x[:rows].clone(), t[:rows]
+            loss, stats, grad = ops.cross_entropy_forward(xr, tr, *args, True, **llm)
+            loss2, stats2 = ops.cross_entropy_forward_grad_in_place(xr, tr, *args, **llm)
+            assert torch.equal(xr, grad) and torch.equal(loss, loss2) and torch.equal(stats, stats2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_gradient_in_place_checks_and_opcheck():
+    x, t = torch.randn(6, 9), torch.randint(0, 9, (6,))
+    ops = torch.ops.fused_loss
+    for bad, red in [(x.t().contiguous().t(), 1), (x.clone(), 0), (x.view(6, 9, 1).clone(), 1)]:
+        with pytest.raises(RuntimeError, match="fused_loss.cross_entropy_forward_grad_in_place"):
+            ops.cross_entropy_forward_grad_in_place(bad, t if bad.dim() == 2 else t.view(6, 1), None, red, -100, 0.0)
+    torch.library.opcheck(ops.cross_entropy_forward_grad_in_place, (x.clone(), t, None, 1, -100, 0.1),
+                          dict(z_loss=1e-3, return_stats=True))

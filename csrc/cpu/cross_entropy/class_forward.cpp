@@ -102,6 +102,43 @@ void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>
   }
 }
 
+// The forward's work on contiguous logits x (the input's values): the loss and the row
+// stats, and the gradient of the loss for an upstream gradient of 1 written to dx where it
+// is defined: a new tensor, or x itself (in place: every path reads a row's logits, or the
+// part of the row that its task owns, before it writes that part's gradient).
+std::tuple<at::Tensor, at::Tensor> forward_into(const at::Tensor& x, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight, Reduction red,
+                                                int64_t ignore_index, double label_smoothing, const RowOptions& opts,
+                                                const at::Tensor& dx) {
+  const Geometry g = geometry(x);
+  TORCH_CHECK(!opts.shaped() || g.inner == 1, "fused_loss.cross_entropy: softcap, temperature and return_stats are "
+              "fused for (N, C) input; fused_loss.cross_entropy composes them for other shapes");
+  const at::Tensor y = class_targets(target, x, g, ignore_index);
+  const auto acc = acc_type_of(x);
+  at::Tensor stats = new_row_stats(opts.stats_parts(), g.rows(), x);
+  at::Tensor rows = at::empty({g.rows()}, x.options().dtype(acc));
+  double denominator = 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_loss_cross_entropy_forward", [&] {
+    using A = acc_t<scalar_t>;
+    const auto w = class_weights<A>(weight, x, g.classes);
+    const auto p = make_params<A>(label_smoothing, g.classes, w, opts.z_loss);
+    if (red == Reduction::Mean) denominator = class_mean_denominator(y.data_ptr<int64_t>(), g.rows(), w, ignore_index);
+    dispatch_smooth(p.smooth, !w.empty(), [&](auto S) {
+      dispatch_logits<scalar_t, true>(opts, [&](const auto& logits) {
+        class_forward_impl<scalar_t, decltype(S)::value>(x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), w, g,
+                                                         ignore_index, p, RowStats<A>(stats), rows.data_ptr<A>(),
+                                                         dx.defined() ? dx.data_ptr<scalar_t>() : nullptr,
+                                                         A(1.0 / denominator), logits, opts.return_stats);
+      });
+    });
+  });
+  at::Tensor loss = reduce_loss(rows, red, denominator, target.sizes(), x);
+  // No classes: torch's smoothing term is (its sum) * (eps / 0), NaN in every row, ignored or
+  // not, and in the sum even of no rows.
+  if (g.classes == 0 && label_smoothing > 0.0) loss.fill_(std::numeric_limits<double>::quiet_NaN());
+  return {loss, stats};
+}
+
 // compute_grad: also return the gradient of the loss for an upstream gradient of 1, written
 // in the pass that reads the logits (reductions 'mean' and 'sum'; for 'none' an empty tensor,
 // and the backward recomputes). The backward then has nothing left to do.
@@ -115,36 +152,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
   check_smoothing(label_smoothing);
   const RowOptions opts = row_options(softcap, temperature, z_loss, return_stats);
   const Reduction red = to_reduction(reduction);
-  const Geometry g = geometry(input);
-  TORCH_CHECK(!opts.shaped() || g.inner == 1, "fused_loss.cross_entropy: softcap, temperature and return_stats are "
-              "fused for (N, C) input; fused_loss.cross_entropy composes them for other shapes");
-  const at::Tensor y = class_targets(target, input, g, ignore_index);
-  const at::Tensor x = input.contiguous();
-  const auto acc = acc_type_of(input);
-  at::Tensor stats = new_row_stats(opts.stats_parts(), g.rows(), input);
-  at::Tensor rows = at::empty({g.rows()}, input.options().dtype(acc));
   const bool in_pass = compute_grad && in_pass_gradient(input, red);
-  at::Tensor dx = in_pass ? new_like(input) : at::empty({0}, input.options());
-  double denominator = 1;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_forward", [&] {
-    using A = acc_t<scalar_t>;
-    const auto w = class_weights<A>(weight, input, g.classes);
-    const auto p = make_params<A>(label_smoothing, g.classes, w, opts.z_loss);
-    if (red == Reduction::Mean) denominator = class_mean_denominator(y.data_ptr<int64_t>(), g.rows(), w, ignore_index);
-    dispatch_smooth(p.smooth, !w.empty(), [&](auto S) {
-      dispatch_logits<scalar_t, true>(opts, [&](const auto& logits) {
-        class_forward_impl<scalar_t, decltype(S)::value>(x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), w, g,
-                                                         ignore_index, p, RowStats<A>(stats), rows.data_ptr<A>(),
-                                                         in_pass ? dx.data_ptr<scalar_t>() : nullptr,
-                                                         A(1.0 / denominator), logits, opts.return_stats);
-      });
-    });
-  });
-  at::Tensor loss = reduce_loss(rows, red, denominator, target.sizes(), input);
-  // No classes: torch's smoothing term is (its sum) * (eps / 0), NaN in every row, ignored or
-  // not, and in the sum even of no rows.
-  if (g.classes == 0 && label_smoothing > 0.0) loss.fill_(std::numeric_limits<double>::quiet_NaN());
-  return {loss, stats, dx};
+  at::Tensor dx = in_pass ? new_like(input) : at::Tensor();
+  auto [loss, stats] = forward_into(input.contiguous(), target, weight, red, ignore_index, label_smoothing, opts, dx);
+  return {loss, stats, in_pass ? dx : at::empty({0}, input.options())};
+}
+
+// The same, for (N, C) logits that are not needed afterwards (linear cross-entropy's chunks):
+// they are overwritten with the gradient of the loss for an upstream gradient of 1, so no
+// buffer of their size is allocated.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_grad_in_place_cpu(
+    at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing, std::optional<double> softcap, double temperature, double z_loss,
+    bool return_stats) {
+  check_input(input);
+  check_smoothing(label_smoothing);
+  const RowOptions opts = row_options(softcap, temperature, z_loss, return_stats);
+  const Reduction red = to_reduction(reduction);
+  TORCH_CHECK(input.dim() == 2 && input.is_contiguous() && red != Reduction::None,
+              "fused_loss.cross_entropy_forward_grad_in_place: expected contiguous (N, C) logits and reduction 'mean' "
+              "or 'sum', got shape ", input.sizes(), (input.is_contiguous() ? "" : " (not contiguous)"),
+              " and reduction ", reduction);
+  return forward_into(input, target, weight, red, ignore_index, label_smoothing, opts, input);
 }
 
 }  // namespace
@@ -154,4 +183,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
 
 TORCH_LIBRARY_IMPL(fused_loss, CPU, m) {
   m.impl("cross_entropy_forward", &fused_loss::cpu::ce::cross_entropy_forward_cpu);
+  m.impl("cross_entropy_forward_grad_in_place", &fused_loss::cpu::ce::cross_entropy_forward_grad_in_place_cpu);
 }
