@@ -208,9 +208,15 @@ struct BlockOut {
 // One chunk of a row, block by block: pass 1 streams the block from memory for its max,
 // pass 2 re-reads it from L1 for the sums. One exp per element. `logits` maps the loaded
 // logits (see logits.h); Terms see the mapped ones. `out`: see BlockOut.
-template <typename T, typename Terms, typename Logits = PlainLogits<T>>
+// after_block(b, len): called when block [b, b + len) of the chunk is done (the one-pass
+// forward writes the previous row's gradient there, see row_stats_and_grad).
+struct NoHook {
+  void operator()(int64_t, int64_t) const {}
+};
+
+template <typename T, typename Terms, typename Logits = PlainLogits<T>, typename AfterBlock = NoHook>
 Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms, const Logits& logits = {},
-                              BlockOut<acc_t<T>> out = {}) {
+                              BlockOut<acc_t<T>> out = {}, AfterBlock after_block = {}) {
   using A = acc_t<T>;
   using V = AccVec<T>;
   constexpr int NV = kVecsPerLine<T>;
@@ -283,6 +289,7 @@ Partial<acc_t<T>> chunk_stats(const T* x, int64_t n, Terms terms, const Logits& 
     blk.h = reduce_sum(hacc);
     terms.flush(blk);
     part.merge(blk);
+    after_block(b, len);
   }
   return part;
 }
@@ -411,12 +418,13 @@ void row_block_grad(const T* x, T* out, int64_t rows, int64_t classes, Zero zero
 }
 
 // row_stats, then the gradient, in one pass when rows are many: each task takes whole rows and
-// computes a row's gradient right after its statistics, from the block maxima and e the
-// statistics pass kept in a per-task scratch (the row's e fits in L2: 128 KB for 32k float
-// classes), while prefetching the next row: one read of the logits from memory, one exp per
-// element, one write of the gradient. Too few rows to share out: row_stats keeps the block
-// maxima and row_block_grad recomputes e from them. `finish` must have stored what
-// make_block(row, ...) reads.
+// computes a row's gradient from the block maxima and e that its statistics pass kept in a
+// per-task scratch (a row's e fits in L2: 128 KB for 32k float classes): one read of the
+// logits from memory, one exp per element, one write of the gradient. Rows are pipelined:
+// block b of row r's gradient is written right after block b of row r + 1's statistics, so
+// that the exps of one keep the core busy while the stores of the other drain (two scratch
+// rows). Too few rows to share out: row_stats keeps the block maxima and row_block_grad
+// recomputes e from them. `finish` must have stored what make_block(row, ...) reads.
 template <typename T, typename MakeTerms, typename Skip, typename Finish, typename MakeBlock,
           typename Logits = PlainLogits<T>>
 void row_stats_and_grad(const T* x, T* out, int64_t rows, int64_t classes, MakeTerms make_terms, Skip skip,
@@ -431,29 +439,50 @@ void row_stats_and_grad(const T* x, T* out, int64_t rows, int64_t classes, MakeT
   }
   at::parallel_for(0, rows, grain_for(classes), [&](int64_t begin, int64_t end) {
     const int64_t padded = classes + kLine<T>;  // whole vectors are kept, past the row's end too
-    std::vector<A> maxima(nblocks), e(padded), slope(logits.slope_varies() ? padded : 0);
-    A* slope_p = logits.slope_varies() ? slope.data() : nullptr;
+    const bool varies = logits.slope_varies();
+    // Two of each: the row whose statistics are being computed and the row before it.
+    std::vector<A> maxima(2 * nblocks), e(2 * padded), slope(varies ? 2 * padded : 0);
+    auto out_of = [&](int k) {  // scratch k, from class 0
+      return BlockOut<A>{maxima.data() + k * nblocks, e.data() + k * padded, varies ? slope.data() + k * padded : nullptr};
+    };
+    auto in_of = [&](int k) {
+      const BlockOut<A> o = out_of(k);
+      return BlockIn<A>{o.maxima, o.e, o.slope};
+    };
+    int64_t prev = -1;  // the row whose gradient is pending
+    int k = 0;          // the scratch of the current row; prev's is 1 - k
+    // The gradient of prev's classes [c, c + n); ahead: prefetch distance (see grad_blocks).
+    auto prev_grad = [&](int64_t c, int64_t n, int64_t ahead) {
+      if (prev < 0) return;
+      const int64_t row = prev;
+      grad_blocks(x + row * classes, out + row * classes, c, n, in_of(1 - k), logits,
+                  [&](int64_t cb, A mb) { return make_block(row, cb, mb); }, ahead);
+    };
     for (int64_t row = begin; row < end; ++row) {
       const T* xr = x + row * classes;
-      T* outr = out + row * classes;
-      // Prefetch the next row while this one's gradient is written (not past the input's end).
-      const int64_t ahead = row + 1 < rows ? classes : kPrefetchBytes / int64_t(sizeof(T));
       if (skip(row)) {
+        prev_grad(0, classes, kPrefetchBytes / int64_t(sizeof(T)));
+        prev = -1;
         finish(row, Partial<A>{}, A(0));
-        zero_fill(outr, classes);
+        zero_fill(out + row * classes, classes);
         continue;
       }
-      auto kept = [&](int64_t c0) {
-        return BlockOut<A>{maxima.data() + c0 / kBlock, e.data() + c0, slope_p ? slope_p + c0 : nullptr};
-      };
-      Partial<A> p = chunk_stats<T>(xr, std::min(kChunk, classes), make_terms(row, 0), logits, kept(0));
-      for (int64_t c0 = kChunk; c0 < classes; c0 += kChunk) {
-        p.merge(chunk_stats<T>(xr + c0, std::min(kChunk, classes - c0), make_terms(row, c0), logits, kept(c0)));
+      const BlockOut<A> cur = out_of(k);
+      Partial<A> p;
+      for (int64_t c0 = 0; c0 < classes; c0 += kChunk) {
+        const BlockOut<A> kept{cur.maxima + c0 / kBlock, cur.e + c0, cur.slope ? cur.slope + c0 : nullptr};
+        // The previous row's gradient of each block once this row's block is read: its stores
+        // overlap the next block's exps; nothing to prefetch (this row's statistics read ahead).
+        auto after = [&](int64_t b, int64_t len) { prev_grad(c0 + b, len, 0); };
+        const Partial<A> q = chunk_stats<T>(xr + c0, std::min(kChunk, classes - c0), make_terms(row, c0), logits,
+                                            kept, after);
+        if (c0 == 0) p = q; else p.merge(q);
       }
       finish(row, p, shift_of(p.m));
-      const BlockIn<A> in{maxima.data(), e.data(), slope_p};
-      grad_blocks(xr, outr, 0, classes, in, logits, [&](int64_t c, A mb) { return make_block(row, c, mb); }, ahead);
+      prev = row;
+      k = 1 - k;
     }
+    prev_grad(0, classes, kPrefetchBytes / int64_t(sizeof(T)));
     stream_fence();
   });
 }
