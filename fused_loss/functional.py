@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
 from . import composite, reference
-from . import linear_cross_entropy as lce
+from . import chunked_linear_cross_entropy as lce
 from .cross_entropy_options import (CrossEntropyStats, check_options, composed_stats, shaped, stats_from_kernel,
                                     unbatch)
 from .ops import REDUCTIONS, ops
@@ -325,7 +325,7 @@ def linear_cross_entropy(
     """Drop-in for torch.nn.functional.linear_cross_entropy (torch >= 2.13): the loss of
     cross_entropy(linear(input, linear_weight, linear_bias), target), computed in chunks of rows
     that never hold more than one chunk of logits, with the gradients of input, linear_weight
-    and linear_bias computed during the forward (see fused_loss/linear_cross_entropy.py).
+    and linear_bias computed during the forward (see fused_loss/chunked_linear_cross_entropy.py).
 
     input: (in_features,), (N, in_features) or, beyond torch, (..., in_features) with any
     leading dimensions (target then has the leading shape). ignore_index=None means -100 for
