@@ -284,14 +284,17 @@ def test_16bit_no_worse_than_unfused(dtype):
     chunks in float32: accumulated in the input's dtype, its error is 3x the unfused one's."""
     x, w, b, t = _inputs(shape=(1024,), v=96, h=64, ignore=(3, 9))
     ref = _value_and_grads(unfused, x, w, b, t)
-    ours = _value_and_grads(fused_loss.linear_cross_entropy, *(p.to(dtype) for p in (x, w, b)), t, chunk_size=8)
     torch_ = _value_and_grads(unfused, *(p.to(dtype) for p in (x, w, b)), t)
-    assert ours[0].dtype == dtype
-    for name, a, e, r in zip(("loss", "input", "linear_weight", "linear_bias"), (ours[0], *ours[1]),
-                             (torch_[0], *torch_[1]), (ref[0], *ref[1])):
-        err_ours = (a.double() - r).norm() / r.norm()
-        err_torch = (e.double() - r).norm() / r.norm()
-        assert err_ours <= 1.5 * err_torch + torch.finfo(dtype).eps / 64, (name, err_ours.item(), err_torch.item())
+    for chunk in (8, None):  # 128 chunks; one chunk (no float32 accumulator needed)
+        ours = _value_and_grads(fused_loss.linear_cross_entropy, *(p.to(dtype) for p in (x, w, b)), t,
+                                chunk_size=chunk)
+        assert ours[0].dtype == dtype and all(g.dtype == dtype for g in ours[1])
+        for name, a, e, r in zip(("loss", "input", "linear_weight", "linear_bias"), (ours[0], *ours[1]),
+                                 (torch_[0], *torch_[1]), (ref[0], *ref[1])):
+            err_ours = (a.double() - r).norm() / r.norm()
+            err_torch = (e.double() - r).norm() / r.norm()
+            assert err_ours <= 1.5 * err_torch + torch.finfo(dtype).eps / 64, (chunk, name, err_ours.item(),
+                                                                               err_torch.item())
 
 
 def test_return_stats_match_cross_entropy():
