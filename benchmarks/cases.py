@@ -1,7 +1,7 @@
 """Benchmark cases, defined once per loss: shapes users care about, a sweep for plots, the
 inputs of a case and the fewest bytes its loss must move (the memory floor)."""
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -28,11 +28,17 @@ class Case:
 
 @dataclass
 class LossSpec:
-    """make_inputs(case, device) -> (args, kwargs): the positional tensors (the first one is
-    differentiated) and the options. floor_bytes(case, mode) -> bytes a perfect kernel moves."""
+    """make_inputs(case, device) -> (args, kwargs): the positional tensors (the first
+    `differentiated` ones are differentiated) and the options. floor_bytes(case, mode) -> bytes a
+    perfect kernel moves. floor_time, when given, replaces the memory floor by a measured one:
+    floor_time(case, mode, device, args) -> seconds (for linear cross-entropy: its matrix
+    products alone). shape_ok(shape) says whether an explicit --sizes shape fits the loss."""
     make_inputs: Callable
     floor_bytes: Callable
     presets: Dict[str, List[Case]] = field(default_factory=dict)
+    differentiated: int = 1
+    floor_time: Optional[Callable] = None
+    shape_ok: Callable = lambda shape: True
 
 
 # --- cross-entropy ---------------------------------------------------------------------------
@@ -116,7 +122,64 @@ def _elementwise_cases(loss, default_shapes, label, sweep_shapes, quick_shape):
             "quick": [Case(loss, quick_shape, "float32", "tiny")]}
 
 
+# --- linear cross-entropy (the LLM head: input (N, H), linear_weight (V, H)) -------------------------
+
+def _lce_inputs(case: Case, device: str):
+    """(input, linear_weight, target) of a case of shape (N, H, V): activations of unit scale and
+    a weight of Linear's scale (logits of about unit scale); input and weight are differentiated."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    n, h, v = case.shape
+    x = torch.randn(n, h, generator=gen).to(device=device, dtype=case.torch_dtype)
+    w = (torch.randn(v, h, generator=gen) / h ** 0.5).to(device=device, dtype=case.torch_dtype)
+    t = torch.randint(0, v, (n,), generator=gen).to(device)
+    return (x, w, t), dict(case.options)
+
+
+def _lce_floor_bytes(case: Case, mode: str) -> int:
+    """Not a memory-bound loss: what it must move is its inputs and the gradients (the floor
+    column of these cases is the products' time, _lce_floor_time)."""
+    n, h, v = case.shape
+    size = torch.empty((), dtype=case.torch_dtype).element_size()
+    return (n * h + v * h) * size * (1 if mode == "forward" else 2)
+
+
+def _lce_floor_time(case: Case, mode: str, device: str, args) -> float:
+    """Seconds of the matrix products alone, unchunked, in the case's dtype: the logits
+    (forward), plus d_input = g @ W and d_weight = g.T @ x (backward, full), g of the logits'
+    size. The fastest of a few runs (a shared machine)."""
+    from .measure import time_step
+
+    x, w = args[0].detach(), args[1].detach()
+    logits = torch.mm(x, w.t())
+    d_x, d_w = torch.empty_like(x), torch.empty_like(w)
+
+    def products(_):
+        torch.mm(x, w.t(), out=logits)
+        if mode != "forward":
+            torch.mm(logits, w, out=d_x)
+            torch.mm(logits.t(), x, out=d_w)
+    times = time_step(lambda: None, products, device, warmup=1, min_reps=2, max_reps=5, budget_s=1.0)
+    del logits
+    return min(times)
+
+
+def _lce_cases():
+    small = [Case("linear_cross_entropy", (1024, 512, 8192), "float32", "LLM head (small)")]
+    # The issue's cases: tens of seconds per step on 2 CPU cores; in the full and llm_head presets only.
+    large = [Case("linear_cross_entropy", (8192, 2048, 32000), "float32", "LLM head, 32k vocab"),
+             Case("linear_cross_entropy", (4096, 4096, 128256), "float32", "LLM head, 128k vocab"),
+             Case("linear_cross_entropy", (8192, 2048, 32000), "bfloat16", "LLM head, 32k vocab"),
+             Case("linear_cross_entropy", (4096, 4096, 128256), "bfloat16", "LLM head, 128k vocab")]
+    every = (("softcap", 30.0), ("temperature", 0.7), ("z_loss", 1e-4))
+    options = [Case("linear_cross_entropy", (1024, 512, 8192), "float32", "LLM head (small), softcap+temperature+z-loss",
+                    options=every)]
+    quick = [Case("linear_cross_entropy", (64, 32, 1000), "float32", "tiny")]
+    return {"default": small, "full": small + options + large, "llm_head": large, "quick": quick}
+
+
 LOSSES: Dict[str, LossSpec] = {
+    "linear_cross_entropy": LossSpec(_lce_inputs, _lce_floor_bytes, _lce_cases(), differentiated=2,
+                                     floor_time=_lce_floor_time, shape_ok=lambda shape: len(shape) == 3),
     "cross_entropy": LossSpec(_ce_inputs, _ce_floor, _ce_cases()),
     "binary_cross_entropy_with_logits": LossSpec(
         _elementwise_inputs(_pos_weight), _elementwise_floor,
@@ -149,9 +212,11 @@ def select_cases(losses, sizes: str, dtypes=None) -> List[Case]:
         spec = LOSSES[loss]
         if sizes in spec.presets:
             cases = list(spec.presets[sizes])
+        elif any(sizes in other.presets for other in LOSSES.values()):  # a preset this loss has no cases in
+            cases = []
         else:
             shapes = [parse_shape(s) for s in sizes.split(",") if s]  # "4096x32000,1024x128256"
-            cases = [Case(loss, s, d, "custom") for s in shapes for d in (dtypes or ["float32"])]
+            cases = [Case(loss, s, d, "custom") for s in shapes if spec.shape_ok(s) for d in (dtypes or ["float32"])]
         if dtypes:
             cases = [c for c in cases if c.dtype in dtypes]
         out += cases

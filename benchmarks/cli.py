@@ -66,46 +66,55 @@ def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return (ours[finite] - ref[finite]).norm().item() / (denom if denom > 0 else 1.0)
 
 
+def _leaves(args):
+    return [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+
 def make_step(fn, args, kwargs, mode):
-    """(setup, step) for a mode; the first argument is the differentiated leaf. 'forward' is the
-    loss alone, under torch.no_grad (as in evaluation: no provider prepares a backward)."""
-    x, rest = args[0], args[1:]
+    """(setup, step) for a mode; the arguments that require grad are the differentiated leaves.
+    'forward' is the loss alone, under torch.no_grad (as in evaluation: no provider prepares a
+    backward)."""
+    leaves = _leaves(args)
 
     def setup():
-        x.grad = None
-        return fn(x, *rest, **kwargs) if mode == "backward" else None
+        for leaf in leaves:
+            leaf.grad = None
+        return fn(*args, **kwargs) if mode == "backward" else None
 
     def forward(_):
         with torch.no_grad():
-            return fn(x, *rest, **kwargs)
+            return fn(*args, **kwargs)
 
     if mode == "forward":
         return setup, forward
     if mode == "full":
-        return setup, lambda _: fn(x, *rest, **kwargs).backward()
+        return setup, lambda _: fn(*args, **kwargs).backward()
     return setup, lambda loss: loss.backward()
 
 
 def result_of(fn, args, kwargs, mode):
-    x = args[0]
-    loss = fn(x, *args[1:], **kwargs)
-    grad = None if mode == "forward" else torch.autograd.grad(loss, x)[0]
-    return loss.detach(), grad
+    """(loss, [gradient of each differentiated argument]) ([] for 'forward')."""
+    loss = fn(*args, **kwargs)
+    grads = [] if mode == "forward" else list(torch.autograd.grad(loss, _leaves(args)))
+    return loss.detach(), grads
 
 
 def run_case(case, mode, providers, device, opts, meta):
     spec = LOSSES[case.loss]
     args, kwargs = spec.make_inputs(case, device)
-    args = (args[0].requires_grad_(),) + tuple(args[1:])
+    args = tuple(a.requires_grad_() if i < spec.differentiated else a for i, a in enumerate(args))
     # Bandwidth measured beside each case (copying a buffer of the input's size), so that the
     # floor and the providers see the same state of a shared machine.
     bandwidth = copy_bandwidth(device, args[0].numel() * args[0].element_size())
-    floor_ms = spec.floor_bytes(case, mode) / bandwidth * 1e3
+    floor_ms = (spec.floor_time(case, mode, device, args) * 1e3 if spec.floor_time
+                else spec.floor_bytes(case, mode) / bandwidth * 1e3)
     meta = dict(meta, bandwidth_gbs=round(bandwidth / 1e9, 2))
     ref = result_of(PROVIDERS["torch"].make(case.loss), args, kwargs, mode)
     rows = []
     for name in providers:
         prov = PROVIDERS[name]
+        if not prov.applies(case.loss):  # a provider of other losses only: no row at all
+            continue
         row = dict(meta, loss=case.loss, provider=name, mode=mode, dtype=case.dtype, shape=case.shape_str,
                    label=case.label, sweep=case.sweep, floor_ms=round(floor_ms, 4), median_ms="", p20_ms="",
                    p80_ms="", peak_mem_mb="", status="ok", note="")
@@ -116,7 +125,7 @@ def run_case(case, mode, providers, device, opts, meta):
         try:
             fn = prov.make(case.loss)
             got = result_of(fn, args, kwargs, mode)
-            err = max(rel_error(got[0], ref[0]), 0.0 if got[1] is None else rel_error(got[1], ref[1]))
+            err = max([rel_error(got[0], ref[0])] + [rel_error(a, b) for a, b in zip(got[1], ref[1])])
             if err > REL_TOL[case.dtype]:
                 row.update(status="wrong", note=f"relative error {err:.2e} against torch eager")
             setup, step = make_step(fn, args, kwargs, mode)
@@ -128,10 +137,13 @@ def run_case(case, mode, providers, device, opts, meta):
                        peak_mem_mb=round(mem / 2**20, 2) if mem >= 0 else "")
             if not row["note"]:
                 row["note"] = f"{len(times)} reps"
+        except NotImplementedError as e:  # the provider does not take this case's options
+            row.update(status="skipped", note=str(e).splitlines()[0][:160])
         except Exception as e:  # a provider failing must not stop the run
             row.update(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
         rows.append(row)
-        args[0].grad = None
+        for leaf in _leaves(args):
+            leaf.grad = None
     return rows
 
 
@@ -144,9 +156,11 @@ def parse_args(argv=None):
                    help="restrict to these dtypes (default: each case's own)")
     p.add_argument("--mode", nargs="+", choices=MODES, default=["forward", "full"])
     p.add_argument("--sizes", default="default",
-                   help="preset (quick, default, full, sweep) or shapes such as 4096x32000,1024x128256")
+                   help="preset (quick, default, full, sweep; llm_head: the large linear_cross_entropy cases) or "
+                        "shapes such as 4096x32000,1024x128256 (NxHxV for linear_cross_entropy)")
     p.add_argument("--providers", nargs="+", choices=sorted(PROVIDERS), default=None,
-                   help="default: fused_loss torch torch_compile (+ liger cce on cuda)")
+                   help="default: fused_loss torch torch_compile torch_lce torch_lce_chunked (the last two for "
+                        "linear_cross_entropy only) (+ liger cce on cuda)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--min-reps", type=int, default=3)
@@ -161,7 +175,7 @@ def main(argv=None) -> int:
     if opts.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is visible", file=sys.stderr)
         return 2
-    providers = opts.providers or (["fused_loss", "torch", "torch_compile"] +
+    providers = opts.providers or (["fused_loss", "torch", "torch_compile", "torch_lce", "torch_lce_chunked"] +
                                    (["liger", "cce"] if opts.device == "cuda" else []))
     cases = select_cases(opts.loss, opts.sizes, opts.dtype)
     if not cases:

@@ -167,7 +167,8 @@ def write_report(csv_path):
         f.write(f"# Benchmarks on {name}\n\nGenerated from `{os.path.basename(csv_path)}` by `benchmarks/report.py`: "
                 "the newest result of each case. Ratios compare rows of the same run; `x floor` is the median "
                 "time over the memory floor (the bytes the loss must move at the copy bandwidth measured in that "
-                "run).\n\n")
+                "run; for linear_cross_entropy, the time of its matrix products alone, measured in that run)."
+                "\n\n")
         f.write(markdown_table(rows) + "\n")
     return [md_path] + plot_sweeps(rows, out_dir, device)
 

@@ -16,15 +16,23 @@ from .functional import (  # noqa: E402
     binary_cross_entropy_with_logits,
     cross_entropy,
     huber_loss,
+    linear_cross_entropy,
     sigmoid_focal_loss,
     smooth_l1_loss,
 )
 from .memory import cpu_cache_info, empty_cache, set_cpu_cache_limits  # noqa: E402
-from .modules import BCEWithLogitsLoss, CrossEntropyLoss, HuberLoss, SmoothL1Loss  # noqa: E402
+from .modules import (  # noqa: E402
+    BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    HuberLoss,
+    LinearCrossEntropyLoss,
+    SmoothL1Loss,
+)
 
 __all__ = [
     "cross_entropy", "CrossEntropyStats", "binary_cross_entropy_with_logits", "smooth_l1_loss", "huber_loss", "sigmoid_focal_loss",
     "CrossEntropyLoss", "BCEWithLogitsLoss", "SmoothL1Loss", "HuberLoss",
+    "linear_cross_entropy", "LinearCrossEntropyLoss",
     "cpu_cache_info", "set_cpu_cache_limits", "empty_cache",
 ]
 __version__ = "0.1.0"

@@ -30,17 +30,17 @@ class CrossEntropyStats(NamedTuple):
     accuracy: Tensor  # correct tokens / non-ignored tokens (NaN if none), float32
 
 
-def check_options(softcap, temperature, z_loss):
-    """The options as floats, or an error that names fused_loss (the kernel checks them too)."""
+def check_options(softcap, temperature, z_loss, name="cross_entropy"):
+    """The options as floats, or an error that names fused_loss.<name> (the kernel checks them too)."""
     if softcap is not None:
         softcap = float(softcap)
         if not (math.isfinite(softcap) and softcap > 0):
-            raise ValueError(f"fused_loss.cross_entropy: softcap must be a positive finite number or None, got {softcap}")
+            raise ValueError(f"fused_loss.{name}: softcap must be a positive finite number or None, got {softcap}")
     temperature, z_loss = float(temperature), float(z_loss)
     if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"fused_loss.cross_entropy: temperature must be a positive finite number, got {temperature}")
+        raise ValueError(f"fused_loss.{name}: temperature must be a positive finite number, got {temperature}")
     if not (math.isfinite(z_loss) and z_loss >= 0):
-        raise ValueError(f"fused_loss.cross_entropy: z_loss must be a non-negative finite number, got {z_loss}")
+        raise ValueError(f"fused_loss.{name}: z_loss must be a non-negative finite number, got {z_loss}")
     return softcap, temperature, z_loss
 
 

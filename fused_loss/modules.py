@@ -62,3 +62,35 @@ class HuberLoss(torch.nn.HuberLoss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.huber_loss(input, target, reduction=self.reduction, delta=self.delta)
+
+
+class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+    """Drop-in for torch.nn.LinearCrossEntropyLoss (an instance of it too: same parameters, state
+    dict and repr), computed by fused_loss.linear_cross_entropy (chunked, never holding the
+    logits), with its keyword-only options softcap, temperature, z_loss, chunk_size and
+    return_stats (forward then returns (loss, CrossEntropyStats))."""
+
+    def __init__(self, in_features, num_classes, *, out_features=(), bias=False, device=None, dtype=None,
+                 reduction="mean", weight=None, ignore_index=None, label_smoothing=0.0, options=None, softcap=None,
+                 temperature=1.0, z_loss=0.0, chunk_size=None, return_stats=False):
+        super().__init__(in_features, num_classes, out_features=out_features, bias=bias, device=device, dtype=dtype,
+                         reduction=reduction, weight=weight, ignore_index=ignore_index,
+                         label_smoothing=label_smoothing, options=options)
+        F.reduction_enum(self.reduction)  # fail at construction, not at the first batch
+        self.softcap, self.temperature, self.z_loss = check_options(softcap, temperature, z_loss,
+                                                                    "LinearCrossEntropyLoss")
+        if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+            raise ValueError(f"fused_loss.LinearCrossEntropyLoss: chunk_size must be a positive int or None, "
+                             f"got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        self.return_stats = return_stats
+
+    def forward(self, input: Tensor, target: Tensor):
+        linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
+        linear_bias = (self.linear.bias.reshape((self.num_classes, *self.out_features))
+                       if self.linear.bias is not None else None)
+        return F.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+                                      reduction=self.reduction, ignore_index=self.ignore_index,
+                                      label_smoothing=self.label_smoothing, options=self.options,
+                                      softcap=self.softcap, temperature=self.temperature, z_loss=self.z_loss,
+                                      chunk_size=self.chunk_size, return_stats=self.return_stats)

@@ -85,6 +85,37 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
                                       temperature, z_loss)
 
 
+def linear_cross_entropy_with_options(input, linear_weight, target, *, linear_bias=None, weight=None,
+                                      reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0,
+                                      softcap=None, temperature: float = 1.0, z_loss: float = 0.0):
+    """fused_loss.linear_cross_entropy in plain torch: F.linear, then cross_entropy_with_options.
+    input (..., H), linear_weight (V, H); the logits (..., V) are flattened to (rows, V) (target
+    (...) or probabilities (..., V)) and a 'none' loss takes the target's row shape back."""
+    logits = F.linear(input, linear_weight, linear_bias)
+    rows = logits.shape[:-1]
+    probabilities = target.shape == logits.shape
+    flat = logits.reshape(-1, logits.shape[-1]) if logits.dim() != 1 else logits
+    flat_target = (target.reshape(-1, logits.shape[-1]) if probabilities else target.reshape(-1)) \
+        if logits.dim() != 1 else target
+    loss = cross_entropy_with_options(flat, flat_target, weight, ignore_index, reduction, label_smoothing, softcap,
+                                      temperature, z_loss)
+    return loss.reshape(rows) if reduction == "none" else loss
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction: str = "mean",
+                         ignore_index=None, label_smoothing: float = 0.0, options=None, softcap=None,
+                         temperature: float = 1.0, z_loss: float = 0.0, chunk_size=None, return_stats=False):
+    """The unfused computation, F.linear then F.cross_entropy (with the LLM options written in torch
+    ops): the benchmarks' eager reference. Takes fused_loss.linear_cross_entropy's arguments;
+    options, chunk_size and return_stats are ignored (it returns the loss only)."""
+    if ignore_index is None:
+        ignore_index = -100
+    return linear_cross_entropy_with_options(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                                             reduction=reduction, ignore_index=ignore_index,
+                                             label_smoothing=label_smoothing, softcap=softcap,
+                                             temperature=temperature, z_loss=z_loss)
+
+
 def sigmoid_focal_loss(inputs, targets, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none"):
     """The semantics of torchvision.ops.sigmoid_focal_loss (RetinaNet), in torch ops:
     alpha_t * BCE-with-logits * (1 - p_t)^gamma, no alpha weighting when alpha < 0."""
@@ -109,4 +140,5 @@ REFERENCES = {
     "smooth_l1_loss": smooth_l1_loss,
     "huber_loss": huber_loss,
     "sigmoid_focal_loss": sigmoid_focal_loss,
+    "linear_cross_entropy": linear_cross_entropy,
 }
