@@ -29,7 +29,8 @@ TORCH_LIBRARY(fused_loss, m) {
       "bool return_stats=False) -> (Tensor loss, Tensor stats, Tensor grad)");
   // The same for contiguous (N, C) logits that are not needed afterwards, reductions mean and
   // sum: they are overwritten with the gradient (for an upstream gradient of 1), so no buffer of
-  // their size is allocated (linear cross-entropy's chunks). Not differentiable.
+  // their size is allocated (linear cross-entropy's chunks). The loss is in the accumulation
+  // type (float32 for 16-bit logits). Not differentiable.
   m.def(
       "cross_entropy_forward_grad_in_place(Tensor(a!) input, Tensor target, Tensor? weight, int reduction, "
       "int ignore_index, float label_smoothing, float? softcap=None, float temperature=1.0, float z_loss=0.0, "

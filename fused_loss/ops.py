@@ -104,7 +104,7 @@ def _(input, target, weight, reduction, ignore_index, label_smoothing, softcap=N
                  lambda: "fused_loss.cross_entropy_forward_grad_in_place: expected contiguous (N, C) logits and "
                          "reduction 'mean' or 'sum'")
     torch._check(tuple(target.shape) == _row_shape(input), lambda: "target shape does not match input")
-    return input.new_empty(()), _row_stats_fake(input, 5 if return_stats else 2)
+    return input.new_empty((), dtype=acc_dtype(input.dtype)), _row_stats_fake(input, 5 if return_stats else 2)
 
 
 @register_fake("fused_loss::cross_entropy_backward")

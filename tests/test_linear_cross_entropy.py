@@ -379,13 +379,13 @@ def test_our_errors():
 
 def test_default_chunk_size():
     f32 = torch.float32
-    assert lce.default_chunk_size(8192, 2048, 32000, f32, torch.device("cpu")) == 256  # 32 MiB of logits
+    assert lce.default_chunk_size(8192, 2048, 32000, f32, torch.device("cpu")) == 512  # 64 MiB of logits
     assert lce.default_chunk_size(100, 64, 1000, f32, torch.device("cpu")) == 100  # one chunk
     assert lce.default_chunk_size(1000, 64, 8000, torch.bfloat16, torch.device("cpu")) == 1000  # 16 MB: one chunk
-    assert lce.default_chunk_size(3000, 64, 32000, f32, torch.device("cpu")) == 256  # 12 chunks, the last 184 rows
-    assert lce.default_chunk_size(1000, 64, 128256, torch.bfloat16, torch.device("cpu")) == 256  # 4 chunks
-    assert lce.default_chunk_size(1100, 64, 128256, torch.bfloat16, torch.device("cpu")) == 224  # 5 chunks, balanced to a multiple of 8
-    assert lce.default_chunk_size(8192, 4096, 128256, f32, torch.device("cpu")) == lce.MIN_CHUNK_ROWS  # 128 MiB
+    assert lce.default_chunk_size(3000, 64, 32000, f32, torch.device("cpu")) == 504  # 6 chunks, balanced to a multiple of 8
+    assert lce.default_chunk_size(1000, 64, 128256, torch.bfloat16, torch.device("cpu")) == 504  # 2 chunks of the minimum
+    assert lce.default_chunk_size(1100, 64, 128256, torch.bfloat16, torch.device("cpu")) == 368  # 3 chunks, balanced
+    assert lce.default_chunk_size(8192, 4096, 128256, f32, torch.device("cpu")) == lce.MIN_CHUNK_ROWS  # 256 MiB
     assert lce.default_chunk_size(0, 8, 8, f32, torch.device("cpu")) == 1
 
 

@@ -105,11 +105,12 @@ void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>
 // The forward's work on contiguous logits x (the input's values): the loss and the row
 // stats, and the gradient of the loss for an upstream gradient of 1 written to dx where it
 // is defined: a new tensor, or x itself (in place: every path reads a row's logits, or the
-// part of the row that its task owns, before it writes that part's gradient).
+// part of the row that its task owns, before it writes that part's gradient). acc_loss: the
+// loss in the accumulation type (float32 for 16-bit logits) instead of the input's.
 std::tuple<at::Tensor, at::Tensor> forward_into(const at::Tensor& x, const at::Tensor& target,
                                                 const std::optional<at::Tensor>& weight, Reduction red,
                                                 int64_t ignore_index, double label_smoothing, const RowOptions& opts,
-                                                const at::Tensor& dx) {
+                                                const at::Tensor& dx, bool acc_loss = false) {
   const Geometry g = geometry(x);
   TORCH_CHECK(!opts.shaped() || g.inner == 1, "fused_loss.cross_entropy: softcap, temperature and return_stats are "
               "fused for (N, C) input; fused_loss.cross_entropy composes them for other shapes");
@@ -133,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor> forward_into(const at::Tensor& x, const at::T
     });
   });
   at::Tensor loss = reduce_loss(rows, red, denominator, target.sizes(), x);
+  if (acc_loss) loss = loss.to(acc);  // reduced in double, rounded once
   // No classes: torch's smoothing term is (its sum) * (eps / 0), NaN in every row, ignored or
   // not, and in the sum even of no rows.
   if (g.classes == 0 && label_smoothing > 0.0) loss.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -160,7 +162,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
 
 // The same, for (N, C) logits that are not needed afterwards (linear cross-entropy's chunks):
 // they are overwritten with the gradient of the loss for an upstream gradient of 1, so no
-// buffer of their size is allocated.
+// buffer of their size is allocated. The loss comes in the accumulation type (a chunk's part
+// of a larger sum is not rounded to 16 bits).
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_grad_in_place_cpu(
     at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing, std::optional<double> softcap, double temperature, double z_loss,
@@ -173,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_grad_in_place_cpu(
               "fused_loss.cross_entropy_forward_grad_in_place: expected contiguous (N, C) logits and reduction 'mean' "
               "or 'sum', got shape ", input.sizes(), (input.is_contiguous() ? "" : " (not contiguous)"),
               " and reduction ", reduction);
-  return forward_into(input, target, weight, red, ignore_index, label_smoothing, opts, input);
+  return forward_into(input, target, weight, red, ignore_index, label_smoothing, opts, input, true);
 }
 
 }  // namespace
