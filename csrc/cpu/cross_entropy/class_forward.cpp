@@ -48,7 +48,6 @@ void class_forward_impl(const T* x, const int64_t* y, const std::vector<acc_t<T>
                         acc_t<T>* loss, T* dx, acc_t<T> grad_all, const Logits& logits = {},
                         bool return_stats = false) {
   using A = acc_t<T>;
-  using V = AccVec<T>;
   const A* wp = w.empty() ? nullptr : w.data();
   auto w_of = [&](int64_t c) { return wp ? wp[c] : A(1); };
   auto finish_row = [&](int64_t row, A m, A s, A r, A sx, A z_y, int64_t yc) {
