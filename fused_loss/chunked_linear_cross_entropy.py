@@ -147,6 +147,21 @@ def _chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: 
         tile = input.new_empty((max(1, min(v, logits_buf.numel() // max(1, h))), h))
     w_t = linear_weight.t()
 
+    # The scale of the gradients: 1/denominator for 'mean' (0 when it is 0: every token
+    # ignored, torch's gradient is then 0), times the upstream gradient in the backward.
+    scale = None
+    denominator = None
+    if reduction == REDUCTIONS["mean"]:
+        denominator = _denominator(target, weight, ignore_index, v, acc)
+        scale = torch.where(denominator != 0, 1 / denominator, 0)
+    if backward and not per_row:
+        gl = grad_loss.to(acc)
+        scale = gl if scale is None else scale * gl
+    # float16 (max 65504): each chunk's logit gradient is scaled before the products, as torch
+    # does, so that the unscaled ('sum') weight gradient never has to fit float16's range (a
+    # chunk of rows sharing a target class overflows it, e.g. 4096 rows with |x| = 40).
+    prescale = grads and scale is not None and dtype == torch.float16
+
     for start, end in _chunks(n, chunk_size):
         x, t = input[start:end], target[start:end]
         logits = logits_buf[: end - start]
@@ -175,6 +190,8 @@ def _chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: 
                     stats[:, start:end].copy_(st)
         if not grads:
             continue
+        if prescale:
+            g.mul_(scale)
         if input_grad:
             torch.mm(g, linear_weight, out=d_input[start:end])
         if weight_grad:
@@ -183,17 +200,7 @@ def _chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: 
             d_bias += g.sum(0, dtype=acc)
         del g
 
-    # The scale of the gradients: 1/denominator for 'mean' (0 when it is 0: every token
-    # ignored, torch's gradient is then 0), times the upstream gradient in the backward.
-    scale = None
-    denominator = None
-    if reduction == REDUCTIONS["mean"]:
-        denominator = _denominator(target, weight, ignore_index, v, acc)
-        scale = torch.where(denominator != 0, 1 / denominator, 0)
-    if backward and not per_row:
-        gl = grad_loss.to(acc)
-        scale = gl if scale is None else scale * gl
-    if grads and scale is not None:
+    if grads and scale is not None and not prescale:
         if input_grad:
             d_input.mul_(scale)
         if weight_grad:

@@ -407,3 +407,20 @@ def test_module_matches_torch_module():
         fused_loss.LinearCrossEntropyLoss(H, V, reduction="avg")
     loss, stats = fused_loss.LinearCrossEntropyLoss(H, V, return_stats=True, dtype=torch.float64)(x, t)
     assert stats.lse.shape == t.shape
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1024, 4096])
+def test_float16_mean_weight_grad_does_not_overflow(chunk_size):
+    # The unscaled ('sum') weight gradient of 4096 rows of |x| = 40 sharing a class exceeds
+    # float16's range; torch scales the logit gradient first and gets -80/3 per element.
+    n, h, v = 4096, 4, 3
+    x = torch.full((n, h), 40.0, dtype=torch.float16)
+    t = torch.zeros(n, dtype=torch.long)
+    grads = []
+    for fn in (fused_loss.linear_cross_entropy, F.linear_cross_entropy):
+        w = torch.zeros(v, h, dtype=torch.float16, requires_grad=True)
+        kw = dict(chunk_size=chunk_size) if fn is fused_loss.linear_cross_entropy else {}
+        fn(x, w, t, **kw).backward()
+        grads.append(w.grad)
+    assert grads[0].isfinite().all()
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-2, rtol=1e-3)
