@@ -386,7 +386,7 @@ def linear_cross_entropy(
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("fused_loss.linear_cross_entropy: the loss is not differentiable with respect to argument "
                            "'weight' for class-index targets (as in torch); detach the weight")
-    x, t = input.reshape(-1, in_features), target.reshape(-1)
+    x, t = input.reshape(math.prod(batch), in_features), target.reshape(-1)  # not -1: in_features may be 0
     n = x.shape[0]
     if chunk_size is None:
         chunk_size = lce.default_chunk_size(n, in_features, num_classes, input.dtype, input.device)

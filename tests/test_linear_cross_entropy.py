@@ -3,6 +3,7 @@ linear_weight and linear_bias against the unfused formula (F.linear + F.cross_en
 options written in torch ops) and against torch's own F.linear_cross_entropy; the chunking
 (N not divisible by the chunk, one row per chunk, one chunk); autograd semantics of the
 gradients computed in the forward; opcheck, torch.compile, gradcheck; 16-bit accuracy; errors."""
+import math
 import warnings
 
 import pytest
@@ -424,3 +425,22 @@ def test_float16_mean_weight_grad_does_not_overflow(chunk_size):
         grads.append(w.grad)
     assert grads[0].isfinite().all()
     torch.testing.assert_close(grads[0], grads[1], atol=1e-2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(4,), (2, 3), ()])
+def test_zero_in_features(reduction, shape):
+    # in_features = 0: the logits are the bias (or 0); torch computes it, reshape(-1, 0) cannot.
+    x = torch.zeros(*shape, 0, dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(V, 0, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, V, shape)
+    loss = fused_loss.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction)
+    expected = F.cross_entropy(F.linear(x.detach(), w.detach(), b.detach()).reshape(-1, V), t.reshape(-1),
+                               reduction=reduction)
+    torch.testing.assert_close(loss, expected.reshape(loss.shape))
+    loss.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+    b_ref = b.detach().clone().requires_grad_()
+    F.cross_entropy(b_ref.expand(max(1, math.prod(shape)), V), t.reshape(-1), reduction=reduction).sum().backward()
+    torch.testing.assert_close(b.grad, b_ref.grad)
