@@ -444,3 +444,13 @@ def test_zero_in_features(reduction, shape):
     b_ref = b.detach().clone().requires_grad_()
     F.cross_entropy(b_ref.expand(max(1, math.prod(shape)), V), t.reshape(-1), reduction=reduction).sum().backward()
     torch.testing.assert_close(b.grad, b_ref.grad)
+
+
+def test_multi_target_error_is_torch_runtime_error():
+    # torch's kernel raises RuntimeError for an (N, 1) class-index target; the meta
+    # decomposition asked for the message asserts (AssertionError) instead.
+    x, w, b, t = _inputs()
+    with pytest.raises(RuntimeError, match="0D or 1D target tensor expected"):
+        F.linear_cross_entropy(x, w, t.reshape(-1, 1))
+    with pytest.raises(RuntimeError, match="0D or 1D target tensor expected"):
+        fused_loss.linear_cross_entropy(x, w, t.reshape(-1, 1))
