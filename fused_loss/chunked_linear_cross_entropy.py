@@ -147,16 +147,27 @@ def _chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: 
         tile = input.new_empty((max(1, min(v, logits_buf.numel() // max(1, h))), h))
     w_t = linear_weight.t()
 
-    # The scale of the gradients: 1/denominator for 'mean' (0 when it is 0: every token
-    # ignored, torch's gradient is then 0), times the upstream gradient in the backward.
-    scale = None
+    # The scale of the gradients: 1/denominator for 'mean', times the upstream gradient in the
+    # backward. A denominator of 0 (every token ignored, or the targets' class weights sum to 0)
+    # is torch's 0/0: NaN gradients for the rows not ignored, 0 for the ignored ones. So d_input
+    # is scaled per row (`row_scale`: 0 for ignored rows, whose gradient is 0 anyway), and the
+    # weight's and bias's gradients are NaN where a row is not ignored, else 0.
+    scale = row_scale = None
     denominator = None
     if reduction == REDUCTIONS["mean"]:
         denominator = _denominator(target, weight, ignore_index, v, acc)
-        scale = torch.where(denominator != 0, 1 / denominator, 0)
+        scale = 1 / denominator
     if backward and not per_row:
         gl = grad_loss.to(acc)
         scale = gl if scale is None else scale * gl
+    if scale is not None and grads:
+        valid = target != ignore_index
+        if denominator is not None:
+            zero = denominator == 0
+            row_scale = torch.where(valid, torch.where(zero, torch.nan, scale), 0).unsqueeze(1)
+            scale = torch.where(zero, torch.where(valid.any(), torch.nan, 0), scale)
+        else:
+            row_scale = torch.where(valid, scale, 0).unsqueeze(1)
     # float16 (max 65504): each chunk's logit gradient is scaled before the products, as torch
     # does, so that the unscaled ('sum') weight gradient never has to fit float16's range (a
     # chunk of rows sharing a target class overflows it, e.g. 4096 rows with |x| = 40).
@@ -191,7 +202,7 @@ def _chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: 
         if not grads:
             continue
         if prescale:
-            g.mul_(scale)
+            g.mul_(row_scale[start:end])
         if input_grad:
             torch.mm(g, linear_weight, out=d_input[start:end])
         if weight_grad:
@@ -202,7 +213,7 @@ def _chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: 
 
     if grads and scale is not None and not prescale:
         if input_grad:
-            d_input.mul_(scale)
+            d_input.mul_(row_scale)
         if weight_grad:
             d_weight.mul_(scale)
         if bias_grad:
@@ -213,8 +224,8 @@ def _chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: 
         return d_input, d_weight, d_bias
     if per_row:
         loss = loss_rows
-    elif denominator is not None:
-        loss = (loss_sum / denominator).to(dtype)
+    elif denominator is not None:  # a denominator of 0: NaN, as torch's 0/0 (even where smoothing adds more)
+        loss = torch.where(denominator == 0, torch.nan, loss_sum / denominator).to(dtype)
     else:
         loss = loss_sum.to(dtype)
     return loss, stats, d_input, d_weight, d_bias

@@ -368,7 +368,7 @@ def linear_cross_entropy(
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"fused_loss.linear_cross_entropy: chunk_size must be a positive int or None, got {chunk_size!r}")
     red = reduction_enum(reduction)
-    if not 0.0 <= label_smoothing <= 1.0:
+    if label_smoothing > 1.0:  # as torch: a negative or NaN smoothing is none
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     if input.dtype != linear_weight.dtype:
         raise RuntimeError("expected m1 and m2 to have the same dtype, but got: "

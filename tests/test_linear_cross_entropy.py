@@ -454,3 +454,32 @@ def test_multi_target_error_is_torch_runtime_error():
         F.linear_cross_entropy(x, w, t.reshape(-1, 1))
     with pytest.raises(RuntimeError, match="0D or 1D target tensor expected"):
         fused_loss.linear_cross_entropy(x, w, t.reshape(-1, 1))
+
+
+@pytest.mark.parametrize("case", ["all ignored", "zero weights", "zero weights, smoothing"])
+def test_zero_denominator_gives_torchs_nan_and_zero_gradients(case):
+    """A 'mean' denominator of 0 is torch's 0/0: NaN loss; NaN gradients for the rows not
+    ignored (also where label smoothing adds a finite part), 0 for the ignored ones; the
+    weight's gradient 0 when every row is ignored."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    t = torch.full((4,), -100) if case == "all ignored" else torch.tensor([0, 1, -100, 1])
+    kw = {} if case == "all ignored" else dict(weight=torch.tensor([0., 0., 1., 1., 1.], dtype=torch.float64))
+    if case.endswith("smoothing"):
+        kw["label_smoothing"] = 0.2
+    results = []
+    for f in (fused_loss.linear_cross_entropy, F.linear_cross_entropy):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = f(xx, ww, t, chunk_size=2, **kw) if f is fused_loss.linear_cross_entropy else f(xx, ww, t, **kw)
+        loss.backward()
+        results.append((loss, xx.grad, ww.grad))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("smoothing", [-0.1, float("nan")])
+def test_negative_or_nan_label_smoothing_is_none_as_in_torch(smoothing):
+    g = torch.Generator().manual_seed(0)
+    x, w, t = torch.randn(6, 3, generator=g), torch.randn(5, 3, generator=g), torch.tensor([0, 1, 2, 3, 4, 0])
+    torch.testing.assert_close(fused_loss.linear_cross_entropy(x, w, t, label_smoothing=smoothing),
+                               F.linear_cross_entropy(x, w, t, label_smoothing=smoothing))
