@@ -155,10 +155,7 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
         z, t = _at_least_float32(input), _at_least_float32(target)
         w = None if weight is None else _at_least_float32(weight)
         z = reference.shaped_logits(z, softcap, temperature)
-    # The input's gradient in the forward's pass (not when the weight needs one: the backward
-    # then computes every gradient by the composite formula).
-    compute_grad = _in_pass_grad(z) and not (w is not None and w.requires_grad)
-    loss = ops.cross_entropy_prob_forward(z, t, w, red, float(label_smoothing), compute_grad)[0]
+    loss = ops.cross_entropy_prob_forward(z, t, w, red, float(label_smoothing), _in_pass_grad(z, w))[0]
     if z_loss:
         terms, denominator = reference.z_loss_terms(z, t, w, ignore_index, z_loss)
         loss = loss + reference.reduce_terms(terms, composite.REDUCTION_NAMES[red], denominator)
@@ -177,11 +174,13 @@ def _check_floating_input(input: Tensor, name: str):
         raise NotImplementedError(f"fused_loss.{name}: expected a floating point input, got {input.dtype}")
 
 
-def _in_pass_grad(input: Tensor) -> bool:
+def _in_pass_grad(input: Tensor, weight: Optional[Tensor] = None) -> bool:
     """Whether a loss's forward should also write the input's gradient (used when the reduction
-    is 'mean' or 'sum'): when it will be needed, and not under torch.compile,
-    where the backward recomputes it (no host read of the upstream gradient)."""
-    return input.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    is 'mean' or 'sum'): when it will be needed, and not under torch.compile, where the backward
+    recomputes it (no host read of the upstream gradient), nor when `weight` needs a gradient
+    (the backward then takes every gradient from the composite formula, ops.py)."""
+    return (input.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not (weight is not None and weight.requires_grad))
 
 
 def binary_cross_entropy_with_logits(
@@ -282,9 +281,8 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: fl
         raise RuntimeError("huber_loss does not support non-positive values for delta.")
     if weight is not None:
         weight = weight.to(dtype)
-    # A weight that needs a gradient takes every gradient from the composition (ops.py).
-    compute_grad = _in_pass_grad(input) and not (weight is not None and weight.requires_grad)
-    return ops.huber_loss_forward(input, target, weight, red, float(delta), compute_grad)[0].to(out_dtype)
+    loss = ops.huber_loss_forward(input, target, weight, red, float(delta), _in_pass_grad(input, weight))[0]
+    return loss.to(out_dtype)
 
 
 def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,

@@ -39,6 +39,14 @@ def _check_input(input: torch.Tensor):
     torch._check(input.dtype.is_floating_point, lambda: f"expected a floating point input, got {input.dtype}")
 
 
+def _in_pass_grad_fake(input: torch.Tensor, compute_grad: bool, reduction: int):
+    """A forward's in-pass gradient output (csrc: in_pass_gradient): the input's shape, contiguous,
+    for compute_grad with reduction mean or sum; else empty."""
+    if compute_grad and reduction != 0:
+        return torch.empty_like(input, memory_format=torch.contiguous_format)
+    return input.new_empty((0,))
+
+
 def _row_stats_fake(input: torch.Tensor, parts: int):
     return input.new_empty((parts, _rows(input)), dtype=acc_dtype(input.dtype))
 
@@ -91,9 +99,7 @@ def _(input, target, weight, reduction, ignore_index, label_smoothing, compute_g
     _check_input(input)
     torch._check(tuple(target.shape) == _row_shape(input), lambda: "target shape does not match input")
     loss = input.new_empty(target.shape if reduction == 0 else ())
-    in_pass = compute_grad and input.dim() >= 2 and reduction != 0  # csrc: in_pass_gradient
-    grad = torch.empty_like(input, memory_format=torch.contiguous_format) if in_pass else input.new_empty((0,))
-    return loss, _row_stats_fake(input, 5 if return_stats else 2), grad
+    return loss, _row_stats_fake(input, 5 if return_stats else 2), _in_pass_grad_fake(input, compute_grad, reduction)
 
 
 @register_fake("fused_loss::cross_entropy_forward_grad_in_place")
@@ -124,6 +130,26 @@ def _is_exactly_one(t: torch.Tensor) -> bool:
     return t.item() == 1.0
 
 
+def _keep_in_pass_grad(ctx, grad: torch.Tensor):
+    """Keeps a forward's in-pass gradient (empty when not computed) until the backward takes it.
+    An attribute, not a saved tensor: dropped when handed out, autograd can then keep the buffer
+    as x.grad without a copy, and a user writing into it later does not trip the saved-tensor
+    version check of a retained graph."""
+    ctx.in_pass_grad = grad if grad.numel() > 0 else None
+
+
+def _take_in_pass_grad(ctx, grad_loss):
+    """The forward's in-pass gradient, dropped from ctx either way: returned as it is, once, for
+    an upstream gradient of exactly 1 (loss.backward() on 'mean' or 'sum') when the result need
+    not be differentiable (no create_graph); else None, and the caller recomputes. So a later
+    backward through a retained graph, or any other upstream gradient, never reads or scales a
+    buffer that may have been handed out."""
+    grad, ctx.in_pass_grad = ctx.in_pass_grad, None
+    if grad is not None and grad_loss is not None and not torch.is_grad_enabled() and _is_exactly_one(grad_loss):
+        return grad
+    return None
+
+
 def _ce_setup_context(ctx, inputs, output):
     input, target, weight, reduction, ignore_index, label_smoothing, compute_grad, *options = inputs
     softcap, temperature, z_loss, _ = (options + [None, 1.0, 0.0, False][len(options):])  # schema defaults
@@ -133,16 +159,13 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, target, weight, stats[:2])  # the backward reads max and log_sum
     ctx.args = (reduction, ignore_index, label_smoothing, softcap, temperature, z_loss)
     ctx.n_inputs = len(inputs)
-    # The gradient from the forward's pass, until handed out. An attribute, not a saved tensor:
-    # dropped when handed out, autograd can then keep the buffer as x.grad without a copy, and a
-    # user writing into it later does not trip the saved-tensor version check of a retained graph.
-    ctx.in_pass_grad = grad if grad.numel() > 0 else None
+    _keep_in_pass_grad(ctx, grad)
 
 
 def _ce_backward(ctx, grad_loss, grad_stats, grad_grad):
     none = (None,) * (ctx.n_inputs - 1)
+    in_pass = _take_in_pass_grad(ctx, grad_loss)
     if grad_loss is None:  # no gradient reached the loss (grads are not materialised)
-        ctx.in_pass_grad = None
         return (None, *none)
     input, target, weight, stats = ctx.saved_tensors
     if ctx.needs_input_grad[2]:
@@ -150,15 +173,8 @@ def _ce_backward(ctx, grad_loss, grad_stats, grad_grad):
                                   "for class-index targets (as in torch)")
     grad_input = None
     if ctx.needs_input_grad[0]:
-        # The forward's gradient is handed out as it is, once: for an upstream gradient of
-        # exactly 1 (loss.backward() on 'mean' or 'sum'), and not when the result must be
-        # differentiable (create_graph). A later backward through a retained graph, or any
-        # other upstream gradient, recomputes it from the logits: a buffer that may have been
-        # handed out is never read or scaled again.
-        grad, ctx.in_pass_grad = ctx.in_pass_grad, None
-        if grad is not None and not torch.is_grad_enabled() and _is_exactly_one(grad_loss):
-            return (grad, *none)
-        grad_input = ops.cross_entropy_backward(grad_loss, input, target, weight, stats, *ctx.args)
+        grad_input = in_pass if in_pass is not None else \
+            ops.cross_entropy_backward(grad_loss, input, target, weight, stats, *ctx.args)
     return (grad_input, *none)
 
 
@@ -192,9 +208,7 @@ def _(input, target, weight, reduction, label_smoothing, compute_grad=False):
     _check_input(input)
     torch._check(target.shape == input.shape, lambda: "probability targets must have the input's shape")
     loss = input.new_empty(_row_shape(input) if reduction == 0 else ())
-    in_pass = compute_grad and input.dim() >= 2 and reduction != 0  # csrc: in_pass_gradient
-    grad = torch.empty_like(input, memory_format=torch.contiguous_format) if in_pass else input.new_empty((0,))
-    return loss, _row_stats_fake(input, 3), grad
+    return loss, _row_stats_fake(input, 3), _in_pass_grad_fake(input, compute_grad, reduction)
 
 
 @register_fake("fused_loss::cross_entropy_prob_backward")
@@ -211,11 +225,11 @@ def _ce_prob_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, target, weight, stats)
     ctx.args = (reduction, label_smoothing)
     ctx.n_inputs = len(inputs)
-    ctx.in_pass_grad = grad if grad.numel() > 0 else None  # the input's, handed out once (see _ce_setup_context)
+    _keep_in_pass_grad(ctx, grad)  # the input's
 
 
 def _ce_prob_backward(ctx, grad_loss, grad_stats, grad_grad):
-    in_pass, ctx.in_pass_grad = ctx.in_pass_grad, None  # never handed out or read twice
+    in_pass = _take_in_pass_grad(ctx, grad_loss)
     none = (None,) * (ctx.n_inputs - 3)
     if grad_loss is None:  # no gradient reached the loss (grads are not materialised)
         return (None, None, None, *none)
@@ -229,10 +243,10 @@ def _ce_prob_backward(ctx, grad_loss, grad_stats, grad_grad):
         return (*grads, *none)
     if not (need_input or need_target):
         return (None, None, None, *none)
-    # The forward's gradient of the input, as for class-index targets: for an upstream gradient
-    # of exactly 1, once, not under create_graph. The target's is always computed here.
+    # The input's gradient from the forward where it can be handed out; the target's is always
+    # computed here.
     dx = None
-    if need_input and in_pass is not None and not torch.is_grad_enabled() and _is_exactly_one(grad_loss):
+    if need_input and in_pass is not None:
         dx, need_input = in_pass, False
     if need_input or need_target:
         gx, gt = ops.cross_entropy_prob_backward(grad_loss, input, target, weight, stats, *ctx.args, need_input,
@@ -276,10 +290,7 @@ register_autograd("fused_loss::cross_entropy_prob_backward", _ce_prob_grad_backw
 def _elementwise_fake_forward(input, target, reduction, compute_grad):
     torch._check(input.dtype.is_floating_point, lambda: f"expected a floating point input, got {input.dtype}")
     torch._check(target.shape == input.shape, lambda: "target must have the input's shape")
-    loss = input.new_empty(input.shape if reduction == 0 else ())
-    in_pass = compute_grad and reduction != 0
-    grad = torch.empty_like(input, memory_format=torch.contiguous_format) if in_pass else input.new_empty((0,))
-    return loss, grad
+    return input.new_empty(input.shape if reduction == 0 else ()), _in_pass_grad_fake(input, compute_grad, reduction)
 
 
 def _register_elementwise_autograd(name: str, n_tensors: int):
@@ -302,11 +313,10 @@ def _register_elementwise_autograd(name: str, n_tensors: int):
         ctx.set_materialize_grads(False)  # no zero-filled "gradient" of the grad output
         ctx.save_for_backward(*inputs[:n_tensors])
         ctx.options = inputs[n_tensors:-1]  # reduction and parameters (not compute_grad)
-        # The in-pass gradient, handed out at most once (see _ce_setup_context).
-        ctx.in_pass_grad = grad if grad.numel() > 0 else None
+        _keep_in_pass_grad(ctx, grad)
 
     def backward(ctx, grad, grad_grad):
-        in_pass, ctx.in_pass_grad = ctx.in_pass_grad, None  # never handed out or read twice
+        in_pass = _take_in_pass_grad(ctx, grad)
         nones = [None] * (len(ctx.needs_input_grad) - 2)
         if grad is None:  # no gradient reached the loss (grads are not materialised)
             return (None, None, *nones)
@@ -316,11 +326,9 @@ def _register_elementwise_autograd(name: str, n_tensors: int):
                                   list(ctx.needs_input_grad[:n_tensors]), grad)
             return (*grads, *[None] * (len(ctx.needs_input_grad) - n_tensors))
         need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # The forward's gradient as it is, for an upstream gradient of exactly 1 outside
-        # create_graph (as cross-entropy); anything else is recomputed by the backward op.
-        dx = dt = None
-        if need_input and in_pass is not None and not torch.is_grad_enabled() and _is_exactly_one(grad):
-            dx = in_pass
+        # The forward's gradient where it can be handed out; anything else is recomputed.
+        dx = in_pass if need_input else None
+        dt = None
         recompute = need_input and dx is None
         if recompute or need_target:
             gx, gt = backward_op(grad, *tensors, *ctx.options, recompute, need_target)

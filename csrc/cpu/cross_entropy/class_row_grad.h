@@ -62,10 +62,7 @@ struct ClassRowGrad {
       for (int k = 0; k < kVecsPerLine<T>; ++k) {
         V o = v[k] * vf;
         if constexpr (S == Smooth::kUniform) o = o - vb;
-        if constexpr (S == Smooth::kWeighted) {
-          const int64_t n = lanes_in<T>(cnt, k), cc = i + k * kLanes<T>;
-          if (n > 0) o = o - vb * (n == kLanes<T> ? V::loadu(wc + cc) : V::loadu(wc + cc, n));
-        }
+        if constexpr (S == Smooth::kWeighted) o = o - vb * load_class_values<T>(wc + i, k, cnt);
         v[k] = o;
       }
       if (ty >= i && ty < i + cnt) sub_at<T>(v, ty - i, t_y);

@@ -49,10 +49,7 @@ struct ProbRowGrad {
       load_line_n(tc + i, tv, cnt);
       for (int k = 0; k < kVecsPerLine<T>; ++k) {
         V wt = ce_smoothed_target(tv[k], vome, veps);
-        if constexpr (kWeighted) {
-          const int64_t n = lanes_in<T>(cnt, k), cc = i + k * kLanes<T>;
-          if (n > 0) wt = wt * (n == kLanes<T> ? V::loadu(wc + cc) : V::loadu(wc + cc, n));
-        }
+        if constexpr (kWeighted) wt = wt * load_class_values<T>(wc + i, k, cnt);
         v[k] = v[k] * vf - vg * wt;
       }
     };
@@ -144,10 +141,7 @@ struct ProbTargetLine {
     load_line_n(xc + i, v, cnt);
     for (int k = 0; k < kVecsPerLine<T>; ++k) {
       V wv(1);
-      if constexpr (kWeighted) {
-        const int64_t n = lanes_in<T>(cnt, k), cc = i + k * kLanes<T>;
-        if (n > 0) wv = n == kLanes<T> ? V::loadu(wc + cc) : V::loadu(wc + cc, n);
-      }
+      if constexpr (kWeighted) wv = load_class_values<T>(wc + i, k, cnt);
       out[k] = go * wv * ((m - v[k]) + ls);
     }
   }

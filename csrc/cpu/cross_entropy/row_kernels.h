@@ -45,6 +45,15 @@ inline int64_t lanes_in(int64_t cnt, int k) {
   return std::min<int64_t>(std::max<int64_t>(cnt - k * kLanes<T>, 0), kLanes<T>);
 }
 
+// Vector k of a line of cnt per-class values (class weights) in the accumulation type at p;
+// the lanes past cnt are 0 and never read.
+template <typename T>
+inline AccVec<T> load_class_values(const acc_t<T>* p, int k, int64_t cnt) {
+  const int64_t n = lanes_in<T>(cnt, k);
+  if (n == kLanes<T>) return AccVec<T>::loadu(p + k * kLanes<T>);
+  return n > 0 ? AccVec<T>::loadu(p + k * kLanes<T>, n) : AccVec<T>(0);
+}
+
 template <typename T>
 inline void store_or_stream(T* p, const AccVec<T>* v, int64_t cnt) {
   if (cnt == kLine<T>) stream_line(p, v); else store_line(p, v, cnt);
@@ -103,7 +112,7 @@ struct SmoothingTerms {
       if (n == 0) break;
       V d = v[k] - shift;
       if constexpr (kWeighted) {
-        const V wv = n == kLanes<T> ? V::loadu(w + offset + k * kLanes<T>) : V::loadu(w + offset + k * kLanes<T>, n);
+        const V wv = load_class_values<T>(w + offset, k, cnt);
         d = d * wv;
         wacc += wv;  // loadu(p, n) zero-fills the other lanes
       } else {
@@ -138,7 +147,7 @@ struct ProbTerms {
       const int64_t n = lanes_in<T>(cnt, k);
       if (n == 0) break;
       V wt = ce_smoothed_target(tv[k], V(one_minus_eps), V(eps_over_c));
-      if constexpr (kWeighted) wt = wt * (n == kLanes<T> ? V::loadu(w + offset + k * kLanes<T>) : V::loadu(w + offset + k * kLanes<T>, n));
+      if constexpr (kWeighted) wt = wt * load_class_values<T>(w + offset, k, cnt);
       wt = keep_first(wt, n, A(0));
       swt += wt;
       swtx.add(keep_first(wt * (v[k] - shift), n, A(0)));
@@ -359,7 +368,8 @@ struct BlockIn {
 // gradient (the functor may also write other outputs itself). ahead: prefetch distance
 // (elements) in the logits: by default a little way along the row; in the one-pass forward,
 // the same place in the next row, which the next statistics pass then finds in cache while
-// this row's gradient is being written.
+// this row's gradient is being written; 0: none (the pipelined forward, whose statistics pass
+// reads ahead itself).
 // flatten: GCC otherwise stops inlining Vectorized::exp_u20 into this loop (a call per vector
 // costs a third of the pass).
 template <typename T, typename Logits, typename MakeBlock>
@@ -374,7 +384,7 @@ FL_FLATTEN inline void grad_blocks(const T* x, T* out, int64_t c0, int64_t n, Bl
     const V shift(shift_of(mb));
     const auto line = make_block(b, mb);
     for_each_aligned_line(out + b, len, [&](int64_t i, int64_t cnt) {
-      __builtin_prefetch(x + b + i + ahead, 0, 3);
+      if (ahead != 0) __builtin_prefetch(x + b + i + ahead, 0, 3);
       V e[NV], slope[NV];
       if (in.e) {
         for (int k = 0; k < NV; ++k) e[k] = V::loadu(in.e + b + i + k * kLanes<T>);
