@@ -20,6 +20,7 @@ from .functional import (  # noqa: E402
     sigmoid_focal_loss,
     smooth_l1_loss,
 )
+from .patching import Patch, is_patched, patch, unpatch  # noqa: E402
 from .memory import cpu_cache_info, empty_cache, set_cpu_cache_limits  # noqa: E402
 from .modules import (  # noqa: E402
     BCEWithLogitsLoss,
@@ -34,5 +35,6 @@ __all__ = [
     "CrossEntropyLoss", "BCEWithLogitsLoss", "SmoothL1Loss", "HuberLoss",
     "linear_cross_entropy", "LinearCrossEntropyLoss",
     "cpu_cache_info", "set_cpu_cache_limits", "empty_cache",
+    "patch", "unpatch", "is_patched", "Patch",
 ]
 __version__ = "0.1.0"

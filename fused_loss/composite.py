@@ -12,9 +12,8 @@ Each function takes its op's arguments (reduction as torch's enum number). Where
 loss, the composition is torch's own function, so these paths give torch's answer exactly.
 """
 import torch
-import torch.nn.functional as F
 
-from . import reference
+from . import reference  # torch's functions as bound at import (fused_loss.patch() may replace torch.nn.functional's)
 
 REDUCTION_NAMES = ("none", "mean", "sum")  # at::Reduction's numbering
 
@@ -26,23 +25,23 @@ def cross_entropy_forward(input, target, weight, reduction, ignore_index, label_
 
 
 def cross_entropy_prob_forward(input, target, weight, reduction, label_smoothing):
-    return F.cross_entropy(input, target, weight, reduction=REDUCTION_NAMES[reduction],
-                           label_smoothing=label_smoothing)
+    return reference.torch_cross_entropy(input, target, weight, reduction=REDUCTION_NAMES[reduction],
+                                       label_smoothing=label_smoothing)
 
 
 def binary_cross_entropy_with_logits_forward(input, target, weight, pos_weight, reduction):
-    return F.binary_cross_entropy_with_logits(input, target, weight, reduction=REDUCTION_NAMES[reduction],
-                                              pos_weight=pos_weight)
+    return reference.binary_cross_entropy_with_logits(input, target, weight, reduction=REDUCTION_NAMES[reduction],
+                                                      pos_weight=pos_weight)
 
 
 def smooth_l1_loss_forward(input, target, reduction, beta):
-    return F.smooth_l1_loss(input, target, reduction=REDUCTION_NAMES[reduction], beta=beta)
+    return reference.smooth_l1_loss(input, target, reduction=REDUCTION_NAMES[reduction], beta=beta)
 
 
 def huber_loss_forward(input, target, weight, reduction, delta):
     if weight is None:  # also for torch releases before huber_loss had a weight
-        return F.huber_loss(input, target, reduction=REDUCTION_NAMES[reduction], delta=delta)
-    return F.huber_loss(input, target, reduction=REDUCTION_NAMES[reduction], delta=delta, weight=weight)
+        return reference.huber_loss(input, target, reduction=REDUCTION_NAMES[reduction], delta=delta)
+    return reference.huber_loss(input, target, reduction=REDUCTION_NAMES[reduction], delta=delta, weight=weight)
 
 
 def sigmoid_focal_loss_forward(input, target, reduction, alpha, gamma):
@@ -70,7 +69,9 @@ def vjp(loss_fn, tensors, needs, grad_loss):
 def needs_composite(*tensors) -> bool:
     """True under a torch.func transform or when a tensor carries a forward-mode tangent:
     there the fused ops' autograd formulas do not apply, and the composition must be used."""
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    # Not peek_interpreter_stack(): torch.compile traces that as never None, which silently sent every
+    # compiled call down this composite path.
+    if torch._C._are_functorch_transforms_active():
         return True
     if torch.autograd.forward_ad._current_level >= 0:
         return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)

@@ -6,9 +6,12 @@ reference is torch's own function.
 import torch
 import torch.nn.functional as F
 
+# torch's own functions, bound when fused_loss is imported: fused_loss.patch() may later replace
+# them in torch.nn.functional, and the references (and composite.py) must stay torch's.
 binary_cross_entropy_with_logits = F.binary_cross_entropy_with_logits
 smooth_l1_loss = F.smooth_l1_loss
 huber_loss = F.huber_loss
+torch_cross_entropy = F.cross_entropy
 
 
 def shaped_logits(input, softcap=None, temperature: float = 1.0):
@@ -64,7 +67,7 @@ def cross_entropy_with_options(input, target, weight=None, ignore_index: int = -
                                           label_smoothing, softcap, temperature, z_loss)
         return loss.squeeze(0) if reduction == "none" else loss
     z = shaped_logits(input, softcap, temperature)
-    loss = F.cross_entropy(z, target, weight, ignore_index=ignore_index, reduction=reduction,
+    loss = torch_cross_entropy(z, target, weight, ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
     if z_loss == 0.0:
         return loss
@@ -77,7 +80,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
                   z_loss: float = 0.0):
     """torch's F.cross_entropy itself; with fused_loss's LLM options, cross_entropy_with_options."""
     if softcap is None and temperature == 1.0 and not z_loss:
-        return F.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        return torch_cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
     if size_average is not None or reduce is not None:
         from torch.nn import _reduction
         reduction = _reduction.legacy_get_string(size_average, reduce)
@@ -120,7 +123,7 @@ def sigmoid_focal_loss(inputs, targets, alpha: float = 0.25, gamma: float = 2.0,
     """The semantics of torchvision.ops.sigmoid_focal_loss (RetinaNet), in torch ops:
     alpha_t * BCE-with-logits * (1 - p_t)^gamma, no alpha weighting when alpha < 0."""
     p = torch.sigmoid(inputs)
-    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    ce = binary_cross_entropy_with_logits(inputs, targets, reduction="none")
     p_t = p * targets + (1 - p) * (1 - targets)
     loss = ce * ((1 - p_t) ** gamma)
     if alpha >= 0:

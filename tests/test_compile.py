@@ -59,3 +59,20 @@ def test_compile_fullgraph_elementwise_losses():
     got = _loss_and_grad(compiled, x, y)
     torch.testing.assert_close(got[0], eager[0])
     torch.testing.assert_close(got[1], eager[1])
+
+
+def test_compiled_code_runs_the_fused_ops_even_after_a_torch_func_transform():
+    # Regression: composite.needs_composite asked peek_interpreter_stack(), which torch.compile
+    # traced as "a transform is active" (once functorch had been used in the process), so compiled
+    # calls silently ran torch's composition instead of the fused kernels.
+    from torch._inductor.utils import run_and_get_code
+
+    x, t = torch.randn(8, 33, requires_grad=True), torch.randint(0, 33, (8,))
+    torch.func.grad(lambda z: fused_loss.cross_entropy(z, t))(x.detach())
+    for step in (lambda x, t: fused_loss.cross_entropy(x, t, label_smoothing=0.1),
+                 lambda x, t: fused_loss.smooth_l1_loss(x, x.detach() * 0.5)):
+        torch._dynamo.reset()
+        got, code = run_and_get_code(torch.compile(step, fullgraph=True), x, t)
+        assert "torch.ops.fused_loss." in "\n".join(code)
+        torch.testing.assert_close(got, step(x, t))
+    torch._dynamo.reset()
