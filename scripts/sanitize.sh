@@ -19,7 +19,9 @@ LOG=$ROOT/build/sanitize-tests.log
 export PATH="$(dirname "$PY"):$PATH"  # ninja from the venv
 
 FUSED_LOSS_SANITIZE=1 "$PY" setup.py -q build_ext --build-temp build/sanitize-tmp --build-lib "$PKG"
-rm -f "$PKG"/fused_loss/*.py && cp fused_loss/*.py "$PKG/fused_loss/"  # no stale modules
+# The package's Python files (subpackages included) beside the sanitized _C, no stale ones.
+find "$PKG/fused_loss" -name '*.py' -delete
+(cd fused_loss && find . -name '*.py' -exec install -D -m 644 {} "$PKG/fused_loss/{}" \;)
 
 ASAN_LIB=$("$CXX" -print-file-name=libasan.so)
 UBSAN_LIB=$("$CXX" -print-file-name=libubsan.so)
