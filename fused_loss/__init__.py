@@ -20,6 +20,7 @@ from .functional import (  # noqa: E402
     sigmoid_focal_loss,
     smooth_l1_loss,
 )
+from .distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy  # noqa: E402
 from .patching import Patch, is_patched, patch, unpatch  # noqa: E402
 from .memory import cpu_cache_info, empty_cache, set_cpu_cache_limits  # noqa: E402
 from .modules import (  # noqa: E402
@@ -36,5 +37,6 @@ __all__ = [
     "linear_cross_entropy", "LinearCrossEntropyLoss",
     "cpu_cache_info", "set_cpu_cache_limits", "empty_cache",
     "patch", "unpatch", "is_patched", "Patch",
+    "vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,434 @@
+"""Vocab-parallel cross-entropy: the classes of an LM head split across the ranks of a process group.
+
+Each rank holds a contiguous slice of the classes, `[class_start, class_start + C_r)` (slices may
+differ in size), of the logits (`vocab_parallel_cross_entropy`) or of the head's weight
+(`vocab_parallel_linear_cross_entropy`); the target (global class indices) is the same on every
+rank. The ranks exchange per-row statistics only, never logits:
+
+- each rank reduces its slice of each row to (max, sum of exp below the max, target logit if it
+  owns the target, class-weighted sum of logits for label smoothing): 4 floats per row;
+- one all_gather hands every rank every rank's statistics, and each rank merges them in rank
+  order, so all ranks compute bitwise the same log-sum-exp and loss (deterministic), without the
+  three all-reduces of torch's `loss_parallel`;
+- the gradient of a slice needs only the global (max, log-sum) and the rank's own logits: the
+  backward communicates nothing (the linear variant all-reduces its input's gradient, which every
+  rank's slice of the head contributes to).
+
+When the slice's offset and the class count are not given, one more small all_gather of the slice
+sizes finds them: at most two collectives per forward.
+
+Math (z = the logits after softcap and temperature, lse = M + log S from the merged statistics,
+w the class weights, W = sum(w), eps the label smoothing, C the class count), per row that is not
+ignored, exactly torch's cross_entropy with fused_loss's options:
+    loss = (1 - eps) w_y (lse - z_y) + eps / C (W lse - sum_j w_j z_j) + z_loss w_y lse^2
+    dloss/dz_j = p_j ((1 - eps) w_y + eps W / C + 2 z_loss w_y lse) - (1 - eps) w_y [j = y] - eps w_j / C
+with p_j = exp((z_j - M) - log S) (the row max kept apart from the log of the sum, for precision).
+"""
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .cross_entropy_options import check_options
+from .functional import reduction_enum
+
+# Rows per block when a slice is reduced or differentiated: bounds the float32 temporaries.
+_BLOCK_BYTES = 64 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# The group and the slices
+
+
+def _group_world_rank(process_group) -> Tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise RuntimeError("fused_loss.vocab_parallel: a process_group was given but torch.distributed "
+                               "is not initialized")
+        return 1, 0
+    return dist.get_world_size(process_group), dist.get_rank(process_group)
+
+
+def _slices(local_classes: int, process_group, world: int, rank: int, class_start, num_classes,
+            device) -> Tuple[int, int, int]:
+    """(class_start, num_classes, collectives used) of this rank's slice."""
+    if (class_start is None) != (num_classes is None):
+        raise ValueError("fused_loss.vocab_parallel: give both class_start and num_classes, or neither "
+                         "(then the slice sizes are gathered from the ranks)")
+    if class_start is not None:
+        if not (0 <= class_start and class_start + local_classes <= num_classes):
+            raise ValueError(f"fused_loss.vocab_parallel: the slice [{class_start}, {class_start + local_classes}) "
+                             f"does not fit in num_classes={num_classes}")
+        return int(class_start), int(num_classes), 0
+    if world == 1:
+        return 0, local_classes, 0
+    sizes = _all_gather(torch.tensor([local_classes], dtype=torch.int64, device=device), process_group, world)
+    sizes = [int(s) for s in torch.cat(sizes).tolist()]
+    return sum(sizes[:rank]), sum(sizes), 1
+
+
+def _all_gather(t: Tensor, process_group, world: int) -> List[Tensor]:
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t.contiguous(), group=process_group)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row statistics and the gradient of one block of rows
+
+
+def _shaped(x: Tensor, softcap: Optional[float], temperature: float) -> Tensor:
+    """z = softcap * tanh(x / softcap) / temperature, in float32 (float64 for float64)."""
+    z = x.to(torch.promote_types(x.dtype, torch.float32))
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    if temperature != 1.0:
+        z = z / temperature
+    return z
+
+
+def _block_stats(x: Tensor, local_target: Tensor, owned: Tensor, w_local: Optional[Tensor], opts) -> Tensor:
+    """(4, rows) of one block: max, sum of exp(z - max), owned target logit (else 0), sum_j w_j z_j."""
+    z = _shaped(x, opts.softcap, opts.temperature)
+    m = z.amax(dim=1) if z.shape[1] else z.new_full((z.shape[0],), -math.inf)  # an empty slice: -inf, sum 0
+    s = torch.exp(z - torch.where(torch.isfinite(m), m, torch.zeros_like(m))[:, None]).sum(dim=1)
+    zy = torch.where(owned, z.gather(1, local_target[:, None]).squeeze(1), torch.zeros_like(m)) \
+        if z.shape[1] else torch.zeros_like(m)
+    if opts.label_smoothing > 0:
+        a = (z * w_local).sum(dim=1) if w_local is not None else z.sum(dim=1)
+    else:
+        a = torch.zeros_like(m)
+    return torch.stack([m, s, zy, a])
+
+
+def _block_grad(x: Tensor, local_target: Tensor, owned: Tensor, w_local: Optional[Tensor], max_: Tensor,
+                log_sum: Tensor, lse: Tensor, wy: Tensor, row_scale: Tensor, opts, num_classes: int,
+                weight_total: float) -> Tensor:
+    """dloss/dx of one block (rows scaled by row_scale, which is 0 on ignored rows), float32."""
+    z = _shaped(x, opts.softcap, opts.temperature)
+    eps = opts.label_smoothing
+    p = torch.exp((z - max_[:, None]) - log_sum[:, None])
+    coef = ((1 - eps) * wy + eps * weight_total / num_classes + 2 * opts.z_loss * wy * lse) * row_scale
+    g = p * coef[:, None]
+    if g.shape[1]:
+        hot = torch.where(owned, -(1 - eps) * wy * row_scale, torch.zeros_like(wy))
+        g.scatter_add_(1, local_target[:, None], hot[:, None])
+    if eps > 0:
+        w = w_local if w_local is not None else torch.ones((), dtype=g.dtype, device=g.device)
+        g -= (eps / num_classes) * row_scale[:, None] * w
+    if opts.temperature != 1.0:
+        g = g / opts.temperature
+    if opts.softcap is not None:  # d(softcap tanh(x / softcap))/dx = 1 - tanh^2
+        g = g * (1 - torch.tanh(x.to(g.dtype) / opts.softcap) ** 2)
+    return g
+
+
+def _rows_of(t: Tensor) -> Tensor:
+    """(..., K) as (rows, K); K may be 0 (a rank holding no classes)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _rows_per_block(cols: int) -> int:
+    return max(1, _BLOCK_BYTES // (4 * max(cols, 1)))
+
+
+class _Options:
+    def __init__(self, ignore_index, reduction, label_smoothing, softcap, temperature, z_loss):
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.softcap, self.temperature, self.z_loss = softcap, temperature, z_loss
+
+
+def _check_target(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if target.device.type == "cuda":  # no host synchronisation: the check fails the stream instead
+        torch._assert_async(~bad.any(), "fused_loss.vocab_parallel: target out of range")
+    elif bool(bad.any()):
+        value = int(target[bad][0])
+        raise IndexError(f"fused_loss.vocab_parallel: target {value} is out of bounds for {num_classes} classes")
+
+
+class _Rows:
+    """What every rank knows about the rows once the statistics are merged."""
+
+    def __init__(self, target, weight, class_start, local_classes, num_classes, opts, dtype):
+        self.target = target
+        self.valid = target != opts.ignore_index
+        safe = torch.where(self.valid, target, torch.zeros_like(target))
+        self.owned = self.valid & (safe >= class_start) & (safe < class_start + local_classes)
+        self.local_target = torch.where(self.owned, safe - class_start, torch.zeros_like(safe))
+        acc = torch.promote_types(dtype, torch.float32)
+        self.wy = (weight.to(acc)[safe] if weight is not None else torch.ones_like(safe, dtype=acc)) * self.valid
+        self.w_local = weight.to(acc)[class_start:class_start + local_classes] if weight is not None else None
+        self.weight_total = float(weight.to(acc).sum()) if weight is not None else float(num_classes)
+        self.num_classes = num_classes
+
+    def merge(self, gathered: List[Tensor], opts):
+        """Rank-ordered merge of the gathered (4, rows) statistics: the loss per row and (M, log S, lse)."""
+        maxes = torch.stack([g[0] for g in gathered])
+        max_ = maxes.amax(dim=0)
+        finite = torch.where(torch.isfinite(max_), max_, torch.zeros_like(max_))
+        total = torch.zeros_like(max_)
+        zy = torch.zeros_like(max_)
+        a = torch.zeros_like(max_)
+        for g in gathered:  # fixed order: every rank adds the same numbers in the same order
+            total = total + g[1] * torch.exp(g[0] - finite)
+            zy = zy + g[2]
+            a = a + g[3]
+        self.max_, self.log_sum = finite, torch.log(total)
+        self.lse = self.max_ + self.log_sum
+        eps = opts.label_smoothing
+        loss = (1 - eps) * self.wy * (self.lse - zy)
+        if eps > 0:
+            loss = loss + (eps / self.num_classes) * (self.weight_total * self.lse - a)
+        if opts.z_loss:
+            loss = loss + opts.z_loss * self.wy * self.lse * self.lse
+        self.row_loss = torch.where(self.valid, loss, torch.zeros_like(loss))
+
+    def reduce(self, opts, out_dtype, batch_shape):
+        if opts.reduction == "none":
+            return self.row_loss.to(out_dtype).reshape(batch_shape)
+        total = self.row_loss.sum()
+        if opts.reduction == "sum":
+            return total.to(out_dtype)
+        return (total / self.wy.sum()).to(out_dtype)  # torch's weighted mean; 0/0 = NaN when all ignored
+
+    def row_scale(self, grad_output: Tensor, opts) -> Tensor:
+        g = grad_output.to(self.wy.dtype)
+        if opts.reduction == "none":
+            scale = g.reshape(-1)
+        elif opts.reduction == "sum":
+            scale = g.expand(self.wy.shape)
+        else:
+            scale = (g / self.wy.sum()).expand(self.wy.shape)
+        return torch.where(self.valid, scale, torch.zeros_like(scale))
+
+
+def _prepare(target: Tensor, logits_shape, weight, ignore_index, reduction, label_smoothing, softcap, temperature,
+             z_loss, name):
+    reduction_enum(reduction)
+    softcap, temperature, z_loss = check_options(softcap, temperature, z_loss, name)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if target.dtype != torch.int64:
+        raise RuntimeError(f"fused_loss.{name}: expected a class-index target of dtype int64, got {target.dtype}")
+    if tuple(target.shape) != tuple(logits_shape[:-1]):
+        raise ValueError(f"fused_loss.{name}: expected a target of shape {tuple(logits_shape[:-1])} "
+                         f"(the logits' leading dimensions), got {tuple(target.shape)}")
+    return _Options(ignore_index, reduction, label_smoothing, softcap, temperature, z_loss)
+
+
+def _check_weight(weight, num_classes, name):
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != num_classes):
+        raise ValueError(f"fused_loss.{name}: expected a class weight of shape ({num_classes},) (all the classes, "
+                         f"the same on every rank), got {tuple(weight.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits sliced by class
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, weight, process_group, world, rank, class_start, num_classes, opts):
+        x = _rows_of(logits)
+        rows = _Rows(target.reshape(-1), weight, class_start, x.shape[1], num_classes, opts, x.dtype)
+        step = _rows_per_block(x.shape[1])
+        stats = torch.cat([_block_stats(x[i:i + step], rows.local_target[i:i + step], rows.owned[i:i + step],
+                                        rows.w_local, opts) for i in range(0, x.shape[0], step)], dim=1) \
+            if x.shape[0] else x.new_zeros((4, 0), dtype=rows.wy.dtype)
+        gathered = _all_gather(stats, process_group, world) if world > 1 else [stats]
+        rows.merge(gathered, opts)
+        ctx.save_for_backward(logits)
+        ctx.rows, ctx.opts = rows, opts
+        return rows.reduce(opts, logits.dtype, target.shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, = ctx.saved_tensors
+        rows, opts = ctx.rows, ctx.opts
+        x = _rows_of(logits)
+        scale = rows.row_scale(grad_output, opts)
+        grad = torch.empty_like(x)
+        step = _rows_per_block(x.shape[1])
+        for i in range(0, x.shape[0], step):
+            sl = slice(i, i + step)
+            grad[sl] = _block_grad(x[sl], rows.local_target[sl], rows.owned[sl], rows.w_local, rows.max_[sl],
+                                   rows.log_sum[sl], rows.lse[sl], rows.wy[sl], scale[sl], opts, rows.num_classes,
+                                   rows.weight_total)
+        return grad.reshape(logits.shape), None, None, None, None, None, None, None, None
+
+
+def _dtensor_parts(logits, target, process_group):
+    """A DTensor of logits sharded on the class dimension over a 1-D mesh: its local shard (taken
+    differentiably), the mesh's group and the offset of this rank's classes (torch's Shard puts
+    ceil(C / world) classes on each rank, fewer on the last ones)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = logits.device_mesh
+    if mesh.ndim != 1 or len(logits.placements) != 1 or not isinstance(logits.placements[0], Shard) \
+            or logits.placements[0].dim % logits.ndim != logits.ndim - 1:
+        raise ValueError(f"fused_loss.vocab_parallel_cross_entropy: a DTensor of logits must be sharded on its last "
+                         f"(class) dimension over a 1-D mesh, got placements {logits.placements} on a "
+                         f"{mesh.ndim}-D mesh")
+    if process_group is not None:
+        raise ValueError("fused_loss.vocab_parallel_cross_entropy: with a DTensor, the group is its mesh's; "
+                         "do not pass process_group")
+    group = mesh.get_group()
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    num_classes = logits.shape[-1]
+    per_rank = -(-num_classes // world)
+    local = logits.to_local()
+    start = min(rank * per_rank, num_classes)
+    if local.shape[-1] != min(per_rank, num_classes - start):
+        raise ValueError("fused_loss.vocab_parallel_cross_entropy: the DTensor's local shard does not have the "
+                         "size torch's Shard placement gives it")
+    if isinstance(target, DTensor):
+        target = target.full_tensor()
+    return local, target, group, start, num_classes
+
+
+def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, process_group=None, *,
+                                 weight: Optional[Tensor] = None, ignore_index: int = -100,
+                                 reduction: str = "mean", label_smoothing: float = 0.0, softcap: Optional[float] = None,
+                                 temperature: float = 1.0, z_loss: float = 0.0, class_start: Optional[int] = None,
+                                 num_classes: Optional[int] = None) -> Tensor:
+    """Cross-entropy of logits whose classes are split across the ranks of `process_group`
+    (None: the default group; no torch.distributed or a group of 1: the whole logits here).
+
+    logits_shard: (..., C_r), this rank's contiguous slice of the C classes; target: (...), global
+    class indices (int64), the same on every rank. class_start, num_classes: this slice's first class
+    and C; when not given, the ranks' slice sizes are gathered (one small all_gather) and the slices
+    are taken in rank order. weight: class weights of all C classes, the same on every rank.
+    The other arguments are fused_loss.cross_entropy's (with its LLM options). Returns the same loss
+    on every rank, a plain tensor (the input's dtype; per row of the target's shape for 'none'),
+    equal to cross_entropy of the whole logits; the gradient reaches each rank's slice.
+    logits_shard may also be a DTensor sharded on its last dimension over a 1-D mesh (code written
+    for torch's loss_parallel): its local shard and its mesh's group are used, and the gradient
+    reaches the DTensor. Per forward: one all_gather of 4 floats per row (plus the sizes' one);
+    the backward communicates nothing.
+    """
+    name = "vocab_parallel_cross_entropy"
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(logits_shard, DTensor):
+        logits_shard, target, process_group, class_start, num_classes = _dtensor_parts(logits_shard, target,
+                                                                                        process_group)
+    if not logits_shard.is_floating_point():
+        raise NotImplementedError(f"fused_loss.{name}: expected floating point logits, got {logits_shard.dtype}")
+    if logits_shard.dim() == 0:
+        raise ValueError(f"fused_loss.{name}: expected logits of shape (..., C_r), got a 0-dim tensor")
+    opts = _prepare(target, logits_shard.shape, weight, ignore_index, reduction, label_smoothing, softcap,
+                    temperature, z_loss, name)
+    world, rank = _group_world_rank(process_group)
+    class_start, num_classes, _ = _slices(logits_shard.shape[-1], process_group, world, rank, class_start,
+                                          num_classes, target.device)
+    _check_weight(weight, num_classes, name)
+    _check_target(target, num_classes, ignore_index)
+    return _VocabParallelCrossEntropy.apply(logits_shard, target, weight, process_group, world, rank, class_start,
+                                            num_classes, opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The head's weight sliced by class: the logits exist one block of rows at a time
+
+
+class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    """Forward: one product per block of rows, reduced to statistics at once (pass 1), one all_gather.
+    Backward: the product again per block (pass 2), its gradient, and the two products of the
+    linear layer; then d_input is summed over the ranks. Four products in all, against the three of
+    holding each block's gradient from the forward: that would need the merged statistics inside
+    pass 1, i.e. one collective per block; this keeps the forward to one (and, unlike holding
+    gradients, lets 'none' take any upstream gradient)."""
+
+    @staticmethod
+    def forward(ctx, input, weight_shard, bias_shard, target, class_weight, process_group, world, rank, class_start,
+                num_classes, opts, chunk):
+        x = _rows_of(input)
+        rows = _Rows(target.reshape(-1), class_weight, class_start, weight_shard.shape[0], num_classes, opts,
+                     input.dtype)
+        parts = []
+        for i in range(0, x.shape[0], chunk):
+            logits = torch.nn.functional.linear(x[i:i + chunk], weight_shard, bias_shard)
+            parts.append(_block_stats(logits, rows.local_target[i:i + chunk], rows.owned[i:i + chunk],
+                                      rows.w_local, opts))
+        stats = torch.cat(parts, dim=1) if parts else x.new_zeros((4, 0), dtype=rows.wy.dtype)
+        gathered = _all_gather(stats, process_group, world) if world > 1 else [stats]
+        rows.merge(gathered, opts)
+        ctx.save_for_backward(input, weight_shard, bias_shard)
+        ctx.rows, ctx.opts, ctx.chunk, ctx.group, ctx.world = rows, opts, chunk, process_group, world
+        return rows.reduce(opts, input.dtype, target.shape)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight_shard, bias_shard = ctx.saved_tensors
+        rows, opts, chunk = ctx.rows, ctx.opts, ctx.chunk
+        x = _rows_of(input)
+        scale = rows.row_scale(grad_output, opts)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        d_x = torch.zeros_like(x) if need_x else None
+        acc = torch.promote_types(weight_shard.dtype, torch.float32)
+        d_w = torch.zeros(weight_shard.shape, dtype=acc, device=weight_shard.device) if need_w else None
+        d_b = torch.zeros(weight_shard.shape[0], dtype=acc, device=weight_shard.device) \
+            if need_b and bias_shard is not None else None
+        for i in range(0, x.shape[0], chunk):
+            sl = slice(i, i + chunk)
+            logits = torch.nn.functional.linear(x[sl], weight_shard, bias_shard)
+            g = _block_grad(logits, rows.local_target[sl], rows.owned[sl], rows.w_local, rows.max_[sl],
+                            rows.log_sum[sl], rows.lse[sl], rows.wy[sl], scale[sl], opts, rows.num_classes,
+                            rows.weight_total)
+            if d_x is not None:
+                d_x[sl] = (g.to(weight_shard.dtype) @ weight_shard).to(d_x.dtype)
+            if d_w is not None:
+                d_w += g.t() @ x[sl].to(acc)
+            if d_b is not None:
+                d_b += g.sum(0)
+        if d_x is not None and ctx.world > 1:  # every rank's slice of the head contributes to d_input
+            dist.all_reduce(d_x, group=ctx.group)
+        return (d_x.reshape(input.shape) if d_x is not None else None,
+                d_w.to(weight_shard.dtype) if d_w is not None else None,
+                d_b.to(bias_shard.dtype) if d_b is not None else None,
+                None, None, None, None, None, None, None, None, None)
+
+
+def vocab_parallel_linear_cross_entropy(input: Tensor, weight_shard: Tensor, target: Tensor, process_group=None, *,
+                                        linear_bias_shard: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                                        ignore_index: int = -100, reduction: str = "mean",
+                                        label_smoothing: float = 0.0, softcap: Optional[float] = None,
+                                        temperature: float = 1.0, z_loss: float = 0.0,
+                                        class_start: Optional[int] = None, num_classes: Optional[int] = None,
+                                        chunk_size: Optional[int] = None) -> Tensor:
+    """vocab_parallel_cross_entropy of `input @ weight_shard.T (+ linear_bias_shard)`, a
+    tensor-parallel LM head whose rows (classes) are split across the ranks, without ever holding
+    the logits: they exist one chunk of rows at a time (chunk_size rows; default: about 64 MiB of
+    float32 logits, at least 256 rows).
+
+    input: (..., H), the same on every rank; weight_shard: (C_r, H), this rank's classes; target
+    (...). Gradients: weight_shard's (and the bias's) are this rank's; input's is summed over the
+    ranks in the backward (one all_reduce of N x H values, as the backward of Megatron's
+    column-parallel input copy), so every rank gets the full gradient. Per forward: one all_gather
+    of 4 floats per row (plus the slice sizes' one when class_start/num_classes are not given).
+    The other arguments are vocab_parallel_cross_entropy's."""
+    name = "vocab_parallel_linear_cross_entropy"
+    if input.dim() < 1 or weight_shard.dim() != 2 or input.shape[-1] != weight_shard.shape[1]:
+        raise ValueError(f"fused_loss.{name}: expected input (..., H) and weight_shard (C_r, H), got "
+                         f"{tuple(input.shape)} and {tuple(weight_shard.shape)}")
+    if not input.is_floating_point() or input.dtype != weight_shard.dtype:
+        raise RuntimeError(f"fused_loss.{name}: expected floating point input and weight_shard of one dtype, got "
+                           f"{input.dtype} and {weight_shard.dtype}")
+    if linear_bias_shard is not None and tuple(linear_bias_shard.shape) != (weight_shard.shape[0],):
+        raise ValueError(f"fused_loss.{name}: expected linear_bias_shard of shape ({weight_shard.shape[0]},), got "
+                         f"{tuple(linear_bias_shard.shape)}")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"fused_loss.{name}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    opts = _prepare(target, (*input.shape[:-1], weight_shard.shape[0]), weight, ignore_index, reduction,
+                    label_smoothing, softcap, temperature, z_loss, name)
+    world, rank = _group_world_rank(process_group)
+    class_start, num_classes, _ = _slices(weight_shard.shape[0], process_group, world, rank, class_start,
+                                          num_classes, target.device)
+    _check_weight(weight, num_classes, name)
+    _check_target(target, num_classes, ignore_index)
+    chunk = chunk_size or max(256, _rows_per_block(weight_shard.shape[0]))
+    return _VocabParallelLinearCrossEntropy.apply(input, weight_shard, linear_bias_shard, target, weight,
+                                                  process_group, world, rank, class_start, num_classes, opts, chunk)
