@@ -130,7 +130,9 @@ def _chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: 
     empty = input.new_empty((0,))
 
     loss_sum = torch.zeros((), dtype=acc, device=device)
-    loss_rows = input.new_empty((n,)) if per_row and not backward else None
+    # The loss stays in the accumulation dtype: the caller rounds it to the input's (or, under autocast,
+    # keeps the float32 torch gives).
+    loss_rows = torch.empty((n,), dtype=acc, device=device) if per_row and not backward else None
     keep_stats = not backward and (per_row or return_stats)
     stats = torch.empty((5 if return_stats else 2, n), dtype=acc, device=device) if keep_stats else \
         torch.empty((0,), dtype=acc, device=device)
@@ -185,7 +187,9 @@ def _chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: 
                                            ignore_index, label_smoothing, softcap, temperature, z_loss)
         else:
             options = (softcap, temperature, z_loss, return_stats and not backward)
-            if grads:  # the logits become their gradient: no second buffer of their size
+            # The logits become their gradient: no second buffer of their size; also without
+            # gradients for mean/sum, for the chunk's loss in the accumulation dtype.
+            if grads or not per_row:
                 loss, st = ops.cross_entropy_forward_grad_in_place(logits, t, weight, ce_reduction, ignore_index,
                                                                    label_smoothing, *options)
                 g = logits
@@ -225,9 +229,9 @@ def _chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: 
     if per_row:
         loss = loss_rows
     elif denominator is not None:  # a denominator of 0: NaN, as torch's 0/0 (even where smoothing adds more)
-        loss = torch.where(denominator == 0, torch.nan, loss_sum / denominator).to(dtype)
+        loss = torch.where(denominator == 0, torch.nan, loss_sum / denominator)
     else:
-        loss = loss_sum.to(dtype)
+        loss = loss_sum
     return loss, stats, d_input, d_weight, d_bias
 
 
@@ -277,7 +281,7 @@ def _(input, linear_weight, target, linear_bias, weight, reduction, ignore_index
     torch._check(input.shape[1] == linear_weight.shape[1], lambda: "input and linear_weight differ in in_features")
     torch._check(target.shape == input.shape[:1], lambda: "expected target of shape (N,)")
     n = input.shape[0]
-    loss = input.new_empty((n,) if reduction == 0 else ())
+    loss = input.new_empty((n,) if reduction == 0 else (), dtype=acc_dtype(input.dtype))
     keep = reduction == 0 or return_stats
     stats = input.new_empty((5 if return_stats else 2, n) if keep else (0,), dtype=acc_dtype(input.dtype))
     return (loss, stats, *_grads_fake(input, linear_weight, input_grad, weight_grad, bias_grad, reduction != 0))

@@ -321,6 +321,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     chunk_size: Optional[int] = None,
     return_stats: bool = False,
+    _loss_dtype: Optional[torch.dtype] = None,
 ):
     """Drop-in for torch.nn.functional.linear_cross_entropy (torch >= 2.13): the loss of
     cross_entropy(linear(input, linear_weight, linear_bias), target), computed in chunks of rows
@@ -339,7 +340,8 @@ def linear_cross_entropy(
     Fused: class-index targets with (V, in_features) weights. Computed unfused (F.linear, then
     fused_loss.cross_entropy; the logits are materialised): probability targets,
     K-dimensional weights (V, d1, ..., dk, in_features), and torch.func transforms or
-    forward-mode AD.
+    forward-mode AD. Under autocast, as torch: the products in the autocast dtype, the loss in
+    float32.
     """
     softcap, temperature, z_loss = check_options(softcap, temperature, z_loss, "linear_cross_entropy")
     if input.dim() < 1 or (input.dim() > 2 and linear_weight.dim() > 2):  # torch takes 1 or 2 dims; we take more for 2-D weights
@@ -368,6 +370,22 @@ def linear_cross_entropy(
     red = reduction_enum(reduction)
     if label_smoothing > 1.0:  # as torch: a negative or NaN smoothing is none
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    loss_dtype = None  # the input's
+    if torch.is_autocast_enabled(input.device.type):
+        # As torch under autocast: the product in the autocast dtype (F.linear casts its float32
+        # operands), the cross-entropy and so the loss in float32.
+        low = torch.get_autocast_dtype(input.device.type)
+        input, linear_weight, linear_bias = (
+            t.to(low) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in (input, linear_weight, linear_bias))
+        loss_dtype = torch.float32 if input.dtype != torch.float64 else None
+        with torch.autocast(input.device.type, enabled=False):
+            out = linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                                       reduction=reduction, ignore_index=ignore_index,
+                                       label_smoothing=label_smoothing, options=options, softcap=softcap,
+                                       temperature=temperature, z_loss=z_loss, chunk_size=chunk_size,
+                                       return_stats=return_stats, _loss_dtype=loss_dtype)
+        return out
     if input.dtype != linear_weight.dtype:
         raise RuntimeError("expected m1 and m2 to have the same dtype, but got: "
                            f"{_c_type(input.dtype)} != {_c_type(linear_weight.dtype)}")
@@ -394,6 +412,7 @@ def linear_cross_entropy(
     loss, st, *_ = lce.linear_cross_entropy_forward(x, linear_weight, t, linear_bias, weight, red, ignore_index,
                                                     float(label_smoothing), softcap, temperature, z_loss,
                                                     int(chunk_size), *flags, return_stats)
+    loss = loss.to(_loss_dtype or input.dtype)  # the op's loss is in the accumulation dtype
     if red == 0:
         loss = loss.reshape(target.shape if input.dim() > 1 else ())
     if not return_stats:

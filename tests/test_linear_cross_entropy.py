@@ -483,3 +483,34 @@ def test_negative_or_nan_label_smoothing_is_none_as_in_torch(smoothing):
     x, w, t = torch.randn(6, 3, generator=g), torch.randn(5, 3, generator=g), torch.tensor([0, 1, 2, 3, 4, 0])
     torch.testing.assert_close(fused_loss.linear_cross_entropy(x, w, t, label_smoothing=smoothing),
                                F.linear_cross_entropy(x, w, t, label_smoothing=smoothing))
+
+
+@pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.13 has no F.linear_cross_entropy")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_autocast_as_torch(reduction):
+    # Under autocast torch's product runs in bfloat16 and its cross-entropy in float32; the loss is
+    # float32. Mean and sum are not rounded to bfloat16 on the way (chunk sums included: chunk_size=7);
+    # 'none' rows are (the kernel's per-row output is in the logits' dtype).
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 16, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 40, (50,), generator=g)
+    y[3] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.linear_cross_entropy(h, w, y, reduction=reduction, label_smoothing=0.1)
+        got = fused_loss.linear_cross_entropy(h, w, y, reduction=reduction, label_smoothing=0.1, chunk_size=7)
+        with pytest.raises(RuntimeError, match="same dtype"):  # outside autocast, mixed dtypes are refused
+            with torch.autocast("cpu", enabled=False):
+                fused_loss.linear_cross_entropy(h.bfloat16(), w, y)
+    assert got.dtype == want.dtype == torch.float32
+    tol = dict(rtol=1e-5, atol=1e-5) if reduction != "none" else dict(rtol=8e-3, atol=1e-2)
+    torch.testing.assert_close(got, want, **tol)
+    # Gradients: bfloat16 products round differently; against float64 on the same bfloat16
+    # operands, the error is at most about twice torch's.
+    up = torch.rand_like(want)
+    h64, w64 = (t.detach().bfloat16().double().requires_grad_() for t in (h, w))
+    exact = torch.autograd.grad(F.cross_entropy(h64 @ w64.T, y, reduction=reduction, label_smoothing=0.1),
+                                (h64, w64), up.double())
+    for a, b, e in zip(torch.autograd.grad(got, (h, w), up), torch.autograd.grad(want, (h, w), up), exact):
+        assert a.dtype == b.dtype == torch.float32
+        assert (a.double() - e).abs().max() <= 2 * (b.double() - e).abs().max() + 1e-6

@@ -132,8 +132,9 @@ std::tuple<at::Tensor, at::Tensor> forward_into(const at::Tensor& x, const at::T
       });
     });
   });
-  at::Tensor loss = reduce_loss(rows, red, denominator, target.sizes(), x);
-  if (acc_loss) loss = loss.to(acc);  // reduced in double, rounded once
+  // Reduced in double and rounded once, to the accumulation type (acc_loss) or the input's: the
+  // dtype of the tensor given last.
+  at::Tensor loss = reduce_loss(rows, red, denominator, target.sizes(), acc_loss ? rows : x);
   // No classes: torch's smoothing term is (its sum) * (eps / 0), NaN in every row, ignored or
   // not, and in the sum even of no rows.
   if (g.classes == 0 && label_smoothing > 0.0) loss.fill_(std::numeric_limits<double>::quiet_NaN());
