@@ -1,0 +1,119 @@
+"""Hugging Face causal LMs whose loss never materialises the logits.
+
+    from fused_loss.integrations.huggingface import apply_fused_linear_cross_entropy
+    model = apply_fused_linear_cross_entropy(AutoModelForCausalLM.from_pretrained(...))
+
+With labels, the patched forward runs the model's decoder, then
+`fused_loss.linear_cross_entropy` on the final hidden states and the lm_head weight (chunked:
+the (tokens x vocabulary) logits never exist), with the model's own loss semantics
+(transformers' `ForCausalLMLoss`): labels shifted left by one (or the `shift_labels` given),
+`ignore_index` -100 (or the one given), the mean over the tokens not ignored, or the sum divided
+by `num_items_in_batch` when that is given (gradient accumulation), and the config's
+`final_logit_softcapping` (Gemma 2) as fused_loss's `softcap`. The output is the model's usual
+`CausalLMOutputWithPast` with `logits=None`. Without labels, or with `logits_to_keep` set, the
+model's own forward runs unchanged.
+
+Differences from the model's own loss, both of precision only: transformers rounds the logits
+to the model's dtype before upcasting them (and takes the softcap's tanh in that dtype); here the
+logits are products in the model's dtype whose softcap and softmax are computed in float32. The
+loss is float32 under autocast and in the model's dtype otherwise (transformers: float32).
+
+transformers is optional: importing fused_loss never imports it; this module needs it only to
+build the output (`pip install transformers`, or the `hf` extra).
+"""
+import inspect
+import types
+
+import torch
+
+from ..functional import linear_cross_entropy
+
+_MARK = "_fused_loss_original_forward"
+_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
+def _require_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:  # pragma: no cover - exercised only without transformers
+        raise ImportError("fused_loss.integrations.huggingface needs transformers: pip install transformers "
+                          "(or fused_loss[hf])") from e
+
+
+def _head_and_decoder(model):
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    if not isinstance(head, torch.nn.Linear) or decoder is None or decoder is model:
+        raise TypeError(f"fused_loss.apply_fused_linear_cross_entropy: expected a causal LM with a decoder "
+                        f"(get_decoder()) and an nn.Linear output embedding (get_output_embeddings()), got "
+                        f"{type(model).__name__}")
+    return head, decoder
+
+
+def apply_fused_linear_cross_entropy(model, *, chunk_size=None):
+    """Patch this model instance (returned, for chaining) so that its forward with labels computes
+    the loss with fused_loss.linear_cross_entropy and returns logits=None. `chunk_size`: rows
+    per chunk of fused_loss.linear_cross_entropy (default: its own). Undo with
+    remove_fused_linear_cross_entropy(model). Patching a patched model only updates chunk_size."""
+    _require_transformers()
+    _head_and_decoder(model)  # fail now, not at the first batch
+    original = model.__dict__.get(_MARK) or model.forward
+    signature = inspect.signature(original)
+
+    def forward(self, *args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        extra = arguments.pop(_var_keyword(signature), {}) if _var_keyword(signature) else {}
+        labels = arguments.pop("labels", None)
+        logits_to_keep = arguments.pop("logits_to_keep", 0)
+        keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        if labels is None or not keep_all or extra.get("return_dict") is False:
+            return original(*args, **kwargs)
+        return _fused_forward(self, labels, {**arguments, **extra}, chunk_size)
+
+    model.__dict__[_MARK] = original
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+def remove_fused_linear_cross_entropy(model):
+    """Restore the model's own forward (returns the model)."""
+    if _MARK in model.__dict__:
+        del model.__dict__["forward"]
+        del model.__dict__[_MARK]
+    return model
+
+
+def is_fused(model) -> bool:
+    """Whether apply_fused_linear_cross_entropy patched this model."""
+    return _MARK in model.__dict__
+
+
+def _var_keyword(signature):
+    return next((p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+
+
+def _fused_forward(model, labels, kwargs, chunk_size):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    head, decoder = _head_and_decoder(model)
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    shift_labels = kwargs.pop("shift_labels", None)
+    outputs = decoder(**kwargs)
+    hidden = outputs[0]
+    if shift_labels is None:  # tokens < n predict n; the last position predicts nothing
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.to(hidden.device)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, shift_labels.reshape(-1),
+                                linear_bias=head.bias, ignore_index=ignore_index,
+                                reduction="mean" if num_items_in_batch is None else "sum",
+                                softcap=softcap, chunk_size=chunk_size)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
+                                  hidden_states=getattr(outputs, "hidden_states", None),
+                                  attentions=getattr(outputs, "attentions", None))
