@@ -4,8 +4,10 @@ CPU kernels use at::vec::Vectorized, whose width is chosen at compile time by th
 CPU_CAPABILITY macros (ATen builds each kernel once per capability and dispatches at
 run time; we build once, for the best capability of the build machine). Override with
 FUSED_LOSS_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 when building for another machine.
-CUDA kernels (csrc/cuda/*.cu) are added when torch has CUDA and nvcc is found;
-FUSED_LOSS_NO_CUDA=1 skips them.
+CUDA kernels (csrc/cuda/*.cu) are added when torch has CUDA and a CUDA toolkit is found;
+FUSED_LOSS_CUDA=0 skips them (FUSED_LOSS_NO_CUDA=1 too), FUSED_LOSS_CUDA=1 requires them.
+TORCH_CUDA_ARCH_LIST chooses the GPUs (default: Ampere and Hopper, 8.0;9.0 with PTX of 9.0);
+MAX_JOBS bounds the parallel compiles (torch's ninja build reads it).
 FUSED_LOSS_SANITIZE=1 builds the C++ code with AddressSanitizer and UBSan (-O1, -g) for
 scripts/sanitize.sh; such a build only loads with the sanitizer runtime preloaded.
 """
@@ -47,7 +49,9 @@ def cpu_flags() -> list:
         raise ValueError(f"FUSED_LOSS_CPU_CAPABILITY must be one of {sorted(CAPABILITY_FLAGS)}, got {cap}")
     # -ffp-contract=off: GCC would otherwise fuse a*b+c differently in different inlined
     # copies of a kernel (e.g. the serial and the OpenMP path), breaking bitwise determinism.
-    flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", f"-DFUSED_LOSS_CPU_CAPABILITY=\"{cap}\""]
+    # No -std: torch's extension builder adds the standard its headers need (C++20 from torch 2.13;
+    # torch 2.14's refuse C++17).
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", f"-DFUSED_LOSS_CPU_CAPABILITY=\"{cap}\""]
     if cap != "DEFAULT":
         flags += [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"] + CAPABILITY_FLAGS[cap]
     return flags
@@ -65,12 +69,31 @@ def sanitize_flags() -> list:
             "-fno-wrapv", "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
 
 
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+# nvcc: warnings in our device code are errors (-Werror all-warnings would also fail on torch's own
+# headers' warnings, which we cannot fix; cross-execution-space calls are the class that matters).
+NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
+              "-Werror", "cross-execution-space-call,reorder,default-stream-launch",
+              "-Xcudafe", "--diag_error=20011"]
+
+
 def use_cuda() -> bool:
-    if os.environ.get("FUSED_LOSS_NO_CUDA", "0") == "1":
+    """FUSED_LOSS_CUDA=0/1 forces it; unset: when torch has CUDA and a toolkit is found."""
+    choice = os.environ.get("FUSED_LOSS_CUDA")
+    if choice is None and os.environ.get("FUSED_LOSS_NO_CUDA", "0") == "1":
+        choice = "0"
+    if choice == "0":
         return False
     import torch
 
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if choice == "1" and not available:
+        raise RuntimeError("fused_loss: FUSED_LOSS_CUDA=1 but the CUDA kernels cannot be built: "
+                           + ("this torch has no CUDA (torch.version.cuda is None)" if torch.version.cuda is None
+                              else "no CUDA toolkit found (set CUDA_HOME)"))
+    if choice not in (None, "0", "1"):
+        raise ValueError(f"FUSED_LOSS_CUDA must be 0 or 1, got {choice!r}")
+    return available
 
 
 def extension():
@@ -79,13 +102,13 @@ def extension():
     cxx = cpu_flags() + sanitize_flags()
     link = ["-fopenmp"] + sanitize_flags()
     if use_cuda() and glob.glob("csrc/cuda/*.cu"):
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)  # read by torch's nvcc flags
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         return cpp_extension.CUDAExtension(
             "fused_loss._C",
             sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx + ["-DFUSED_LOSS_WITH_CUDA"],
-                                "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx + ["-DFUSED_LOSS_WITH_CUDA"], "nvcc": NVCC_FLAGS},
             extra_link_args=link,
         )
     return cpp_extension.CppExtension(

@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "fused_loss/broadcast.h"
 #include "fused_loss/common.h"
 #include "vec_math.h"  // before elementwise_math.h: the vector primitives it calls
 #include "fused_loss/elementwise_math.h"
@@ -58,35 +59,11 @@ Operand<T> make_operand(const std::optional<at::Tensor>& opt, const at::Tensor& 
   const at::Tensor& w = *opt;
   TORCH_CHECK(w.scalar_type() == input.scalar_type(), "fused_loss: ", name, " must have the input's dtype ",
               input.scalar_type(), ", got ", w.scalar_type());
-  const auto sizes = input.sizes();
-  const auto shape = at::infer_size(w.sizes(), sizes);  // torch's error when they cannot broadcast
-  TORCH_CHECK(at::IntArrayRef(shape) == sizes, "output with shape ", sizes, " doesn't match the broadcast shape ",
-              at::IntArrayRef(shape));
-  const int64_t nd = int64_t(sizes.size()), off = nd - w.dim();
-  auto varies = [&](int64_t d) { return d >= off && w.size(d - off) != 1; };
-  int64_t a = -1, b = -1;
-  for (int64_t d = 0; d < nd; ++d) {
-    if (varies(d)) {
-      if (a < 0) a = d;
-      b = d;
-    }
-  }
+  const BroadcastLayout layout = broadcast_layout(w, input.sizes(), keep);
   Operand<T> op;
-  keep = w.contiguous();
-  if (a < 0) {  // a single value
-    op.data = keep.template data_ptr<T>();
-    return op;
-  }
-  bool block = true;  // do the varying dims form one block (no broadcast dim inside)?
-  for (int64_t d = a; d <= b; ++d) block = block && (varies(d) || sizes[d] == 1);
-  if (!block) {  // rare layouts, e.g. (N, 1, W) over (N, C, W): spell the operand out
-    keep = w.expand(sizes).contiguous();
-    a = 0, b = nd - 1;
-  }
   op.data = keep.template data_ptr<T>();
-  op.period = 1;
-  for (int64_t d = a; d <= b; ++d) op.period *= sizes[d];
-  for (int64_t d = b + 1; d < nd; ++d) op.repeat *= sizes[d];
+  op.repeat = layout.repeat;
+  op.period = layout.period;
   return op;
 }
 

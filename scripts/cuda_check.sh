@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Compile-and-link check of the CUDA build on a machine without a GPU (CI runs it).
+# A venv outside the repository (FUSED_LOSS_CUDA_VENV, default ~/.cache/fused_loss/cuda-venv) holds
+# the CUDA build of torch 2.14.1 (5.5 GB, installed once, reused by later runs); the extension is
+# built with FUSED_LOSS_CUDA=1 into build/cuda-check (the repository's CPU build is untouched), then
+# loaded by that torch, and the dispatcher must list our CUDA kernels. Kernels cannot run here.
+# CUDA_HOME: the toolkit (default /usr/local/cuda). TORCH_CUDA_ARCH_LIST: as setup.py (default 8.0;9.0+PTX).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${FUSED_LOSS_CUDA_VENV:-$HOME/.cache/fused_loss/cuda-venv}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
+  echo "cuda_check.sh: no nvcc in CUDA_HOME=$CUDA_HOME; skipped" >&2
+  exit 0
+fi
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.version.cuda is None)" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q "torch==2.14.1" ninja numpy "setuptools>=64" wheel
+fi
+PY=$VENV/bin/python
+SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+# torch's CUDA headers include cuBLAS/cuSPARSE headers that only torch's nvidia wheels carry.
+export CPATH="$SITE/nvidia/cu13/include${CPATH:+:$CPATH}"
+export LIBRARY_PATH="$SITE/nvidia/cu13/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+export PATH="$VENV/bin:$CUDA_HOME/bin:$PATH"
+OUT=build/cuda-check
+start=$(date +%s)
+mkdir -p "$OUT"
+# The compilers' output goes to a log (torch 2.14's headers draw thousands of warnings from GCC);
+# its end is shown if the build fails.
+if ! FUSED_LOSS_CUDA=1 "$PY" setup.py -q build_ext --build-temp "$OUT/tmp" --build-lib "$OUT/lib" \
+    > "$OUT/build.log" 2>&1; then
+  grep -E "error|FAILED" "$OUT/build.log" | head -40 >&2
+  tail -n 40 "$OUT/build.log" >&2
+  echo "cuda_check.sh: the CUDA build failed (log: $OUT/build.log)" >&2
+  exit 1
+fi
+# Our own sources must compile without a warning (torch's and GCC's headers are not ours).
+if grep -E "^(csrc|$PWD/csrc)/[^ ]*(\(|:)[0-9]+.*warning" "$OUT/build.log" >&2; then
+  echo "cuda_check.sh: warnings in fused_loss's sources (above)" >&2
+  exit 1
+fi
+rm -rf "$OUT/lib/fused_loss"/*.py && cp fused_loss/*.py "$OUT/lib/fused_loss/"
+PYTHONPATH="$OUT/lib" PYTHONSAFEPATH=1 "$PY" - <<'PY'
+import torch
+import fused_loss
+from fused_loss import _C
+
+expected = ["binary_cross_entropy_with_logits_forward", "binary_cross_entropy_with_logits_backward",
+            "smooth_l1_loss_forward", "smooth_l1_loss_backward", "huber_loss_forward", "huber_loss_backward",
+            "sigmoid_focal_loss_forward", "sigmoid_focal_loss_backward"]
+missing = [op for op in expected if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_loss::{op}", "CUDA")]
+assert _C.__file__.startswith("build/cuda-check") or "cuda-check" in _C.__file__, _C.__file__
+assert not missing, f"no CUDA kernel registered for {missing}"
+print(f"cuda_check.sh: {_C.__file__} loads with torch {torch.__version__} (CUDA {torch.version.cuda}); "
+      f"CUDA kernels of {len(expected)} ops registered")
+PY
+echo "cuda_check.sh: built and checked in $(( $(date +%s) - start )) s"
