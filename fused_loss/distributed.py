@@ -30,6 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .cross_entropy_options import check_options
 from .functional import reduction_enum
@@ -105,7 +106,7 @@ def _block_stats(x: Tensor, local_target: Tensor, owned: Tensor, w_local: Option
 
 def _block_grad(x: Tensor, local_target: Tensor, owned: Tensor, w_local: Optional[Tensor], max_: Tensor,
                 log_sum: Tensor, lse: Tensor, wy: Tensor, row_scale: Tensor, opts, num_classes: int,
-                weight_total: float) -> Tensor:
+                weight_total) -> Tensor:
     """dloss/dx of one block (rows scaled by row_scale, which is 0 on ignored rows), float32."""
     z = _shaped(x, opts.softcap, opts.temperature)
     eps = opts.label_smoothing
@@ -161,7 +162,7 @@ class _Rows:
         acc = torch.promote_types(dtype, torch.float32)
         self.wy = (weight.to(acc)[safe] if weight is not None else torch.ones_like(safe, dtype=acc)) * self.valid
         self.w_local = weight.to(acc)[class_start:class_start + local_classes] if weight is not None else None
-        self.weight_total = float(weight.to(acc).sum()) if weight is not None else float(num_classes)
+        self.weight_total = weight.to(acc).sum() if weight is not None else float(num_classes)  # no host sync
         self.num_classes = num_classes
 
     def merge(self, gathered: List[Tensor], opts):
@@ -245,6 +246,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return rows.reduce(opts, logits.dtype, target.shape)
 
     @staticmethod
+    @once_differentiable  # the statistics are not part of a graph: no second derivative
     def backward(ctx, grad_output):
         logits, = ctx.saved_tensors
         rows, opts = ctx.rows, ctx.opts
@@ -361,6 +363,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         return rows.reduce(opts, input.dtype, target.shape)
 
     @staticmethod
+    @once_differentiable  # the statistics are not part of a graph: no second derivative
     def backward(ctx, grad_output):
         input, weight_shard, bias_shard = ctx.saved_tensors
         rows, opts, chunk = ctx.rows, ctx.opts, ctx.chunk

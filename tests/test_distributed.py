@@ -90,3 +90,11 @@ def test_all_ignored_mean_is_nan_as_torch():
 def test_bad_input_raises(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_second_derivatives_are_refused():
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3])
+    g, = torch.autograd.grad(fused_loss.vocab_parallel_cross_entropy(x, y), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):  # never a silent wrong one
+        g.sum().backward()

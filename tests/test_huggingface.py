@@ -139,3 +139,14 @@ def test_bfloat16_autocast_training_step():
 def test_a_model_without_a_linear_head_is_refused():
     with pytest.raises(TypeError, match="fused_loss.apply_fused_linear_cross_entropy"):
         apply_fused_linear_cross_entropy(torch.nn.Linear(3, 4))
+
+
+def test_bfloat16_model_gives_a_float32_loss_as_transformers():
+    model, fused = pair(llama, seed=6)
+    model, fused = model.bfloat16(), fused.bfloat16()
+    input_ids, labels, _ = batch(seed=6)
+    with torch.no_grad():
+        want = model(input_ids=input_ids, labels=labels).loss
+        got = fused(input_ids=input_ids, labels=labels).loss
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

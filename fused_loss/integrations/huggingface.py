@@ -16,7 +16,7 @@ model's own forward runs unchanged.
 Differences from the model's own loss, both of precision only: transformers rounds the logits
 to the model's dtype before upcasting them (and takes the softcap's tanh in that dtype); here the
 logits are products in the model's dtype whose softcap and softmax are computed in float32. The
-loss is float32 under autocast and in the model's dtype otherwise (transformers: float32).
+loss is float32, as transformers'.
 
 transformers is optional: importing fused_loss never imports it; this module needs it only to
 build the output (`pip install transformers`, or the `hf` extra).
@@ -109,7 +109,8 @@ def _fused_forward(model, labels, kwargs, chunk_size):
     loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, shift_labels.reshape(-1),
                                 linear_bias=head.bias, ignore_index=ignore_index,
                                 reduction="mean" if num_items_in_batch is None else "sum",
-                                softcap=softcap, chunk_size=chunk_size)
+                                softcap=softcap, chunk_size=chunk_size,
+                                _loss_dtype=torch.float32)  # as transformers' loss, not rounded first
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
