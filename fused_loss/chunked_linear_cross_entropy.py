@@ -23,7 +23,6 @@ chunk of logits, which the kernel overwrites with their gradient
 Everything here is device-generic: ATen products and the dispatcher's cross-entropy kernel, no
 host read of any tensor, no data-dependent Python branching.
 """
-import math
 from typing import Optional
 
 import torch
@@ -32,7 +31,8 @@ from torch._subclasses.fake_tensor import is_fake
 from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import composite, reference
-from .ops import REDUCTIONS, _is_exactly_one, acc_dtype, ops
+from .composed_cross_entropy import Options, Rows, block_grad, block_stats
+from .ops import KERNELS, REDUCTIONS, _is_exactly_one, acc_dtype, ops
 
 # Bytes of one chunk of logits when chunk_size is not given: small enough to stay a fraction of
 # the gradients' own size on the CPU (where the products are slow and large chunks gain little),
@@ -105,6 +105,65 @@ def _add_weight_grad(d_weight: Tensor, g: Tensor, x: Tensor, tile: Optional[Tens
             d_weight[v0:v1].add_(part)
 
 
+class _ComposedChunkOps:
+    """Stand-ins for the three cross-entropy ops the loop calls, in torch ops, for devices that have
+    no fused_loss kernel of them (CUDA, until its cross-entropy kernels exist): the same arguments
+    and results (without statistics), from composed_cross_entropy's per-row math over one chunk, so
+    the loop still never holds more than one chunk of logits. Slower than the kernels (several
+    passes, float32 temporaries of the chunk's size)."""
+
+    @staticmethod
+    def _rows(logits, target, weight, reduction, ignore_index, label_smoothing, softcap, temperature, z_loss):
+        eps = label_smoothing if label_smoothing > 0 else 0.0  # torch: a negative or NaN smoothing is none
+        opts = Options(ignore_index, composite.REDUCTION_NAMES[reduction], eps, softcap, temperature, z_loss)
+        classes = logits.shape[1]
+        rows = Rows(target, weight, 0, classes, classes, opts, logits.dtype)
+        rows.merge([block_stats(logits, rows.local_target, rows.owned, rows.w_local, opts)], opts)
+        return rows, opts
+
+    @staticmethod
+    def _grad(logits, rows, opts, scale):
+        return block_grad(logits, rows.local_target, rows.owned, rows.w_local, rows.max_, rows.log_sum, rows.lse,
+                          rows.wy, torch.where(rows.valid, scale, torch.zeros_like(scale)), opts, rows.num_classes,
+                          rows.weight_total)
+
+    @staticmethod
+    def cross_entropy_forward_grad_in_place(logits, target, weight, reduction, ignore_index, label_smoothing,
+                                            softcap=None, temperature=1.0, z_loss=0.0, return_stats=False):
+        if return_stats:
+            raise NotImplementedError(f"fused_loss.linear_cross_entropy: return_stats needs fused_loss's "
+                                      f"cross-entropy kernel, which this build lacks for {logits.device.type}")
+        rows, opts = _ComposedChunkOps._rows(logits, target, weight, reduction, ignore_index, label_smoothing,
+                                             softcap, temperature, z_loss)
+        logits.copy_(_ComposedChunkOps._grad(logits, rows, opts, torch.ones_like(rows.wy)))  # reduction 'sum'
+        return rows.row_loss.sum(), logits.new_empty((0,), dtype=rows.wy.dtype)
+
+    @staticmethod
+    def cross_entropy_forward(logits, target, weight, reduction, ignore_index, label_smoothing, compute_grad,
+                              softcap=None, temperature=1.0, z_loss=0.0, return_stats=False):
+        if return_stats:
+            _ComposedChunkOps.cross_entropy_forward_grad_in_place(logits, target, weight, reduction, ignore_index,
+                                                                  label_smoothing, return_stats=True)
+        rows, _ = _ComposedChunkOps._rows(logits, target, weight, reduction, ignore_index, label_smoothing,
+                                          softcap, temperature, z_loss)
+        stats = torch.stack([rows.max_, rows.log_sum])  # (2, rows), as the kernel's
+        return rows.row_loss.to(logits.dtype), stats, logits.new_empty((0,))
+
+    @staticmethod
+    def cross_entropy_backward(grad_loss, logits, target, weight, stats, reduction, ignore_index, label_smoothing,
+                               softcap=None, temperature=1.0, z_loss=0.0):
+        rows, opts = _ComposedChunkOps._rows(logits, target, weight, reduction, ignore_index, label_smoothing,
+                                             softcap, temperature, z_loss)
+        return _ComposedChunkOps._grad(logits, rows, opts, grad_loss.to(rows.wy.dtype)).to(logits.dtype)
+
+
+def chunk_ops(device: torch.device):
+    """The cross-entropy ops of one chunk: fused_loss's kernels where this build has them."""
+    if ("fused_loss::cross_entropy_forward_grad_in_place", device.type) in KERNELS:
+        return ops
+    return _ComposedChunkOps
+
+
 def _chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor],
              weight: Optional[Tensor], reduction: int, ignore_index: int, label_smoothing: float,
              softcap: Optional[float], temperature: float, z_loss: float, chunk_size: int, input_grad: bool,
@@ -121,6 +180,7 @@ def _chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: 
     n, h = input.shape
     v = linear_weight.shape[0]
     dtype, device = input.dtype, input.device
+    ce = chunk_ops(device)
     acc = acc_dtype(dtype)
     backward = grad_loss is not None
     grads = (input_grad or weight_grad or bias_grad) and (reduction != 0 or backward)
@@ -183,18 +243,18 @@ def _chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: 
         else:
             torch.addmm(linear_bias, x, w_t, out=logits)
         if backward and per_row:
-            g = ops.cross_entropy_backward(grad_loss[start:end], logits, t, weight, stats_in[:2, start:end], 0,
+            g = ce.cross_entropy_backward(grad_loss[start:end], logits, t, weight, stats_in[:2, start:end], 0,
                                            ignore_index, label_smoothing, softcap, temperature, z_loss)
         else:
             options = (softcap, temperature, z_loss, return_stats and not backward)
             # The logits become their gradient: no second buffer of their size; also without
             # gradients for mean/sum, for the chunk's loss in the accumulation dtype.
             if grads or not per_row:
-                loss, st = ops.cross_entropy_forward_grad_in_place(logits, t, weight, ce_reduction, ignore_index,
+                loss, st = ce.cross_entropy_forward_grad_in_place(logits, t, weight, ce_reduction, ignore_index,
                                                                    label_smoothing, *options)
                 g = logits
             else:
-                loss, st, _ = ops.cross_entropy_forward(logits, t, weight, ce_reduction, ignore_index,
+                loss, st, _ = ce.cross_entropy_forward(logits, t, weight, ce_reduction, ignore_index,
                                                         label_smoothing, False, *options)
             if not backward:
                 if per_row:

@@ -17,14 +17,8 @@ rank. The ranks exchange per-row statistics only, never logits:
 When the slice's offset and the class count are not given, one more small all_gather of the slice
 sizes finds them: at most two collectives per forward.
 
-Math (z = the logits after softcap and temperature, lse = M + log S from the merged statistics,
-w the class weights, W = sum(w), eps the label smoothing, C the class count), per row that is not
-ignored, exactly torch's cross_entropy with fused_loss's options:
-    loss = (1 - eps) w_y (lse - z_y) + eps / C (W lse - sum_j w_j z_j) + z_loss w_y lse^2
-    dloss/dz_j = p_j ((1 - eps) w_y + eps W / C + 2 z_loss w_y lse) - (1 - eps) w_y [j = y] - eps w_j / C
-with p_j = exp((z_j - M) - log S) (the row max kept apart from the log of the sum, for precision).
+The per-row math: fused_loss/composed_cross_entropy.py.
 """
-import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -32,12 +26,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .composed_cross_entropy import Options, Rows, block_grad, block_stats, rows_of, rows_per_block
 from .cross_entropy_options import check_options
 from .functional import reduction_enum
-
-# Rows per block when a slice is reduced or differentiated: bounds the float32 temporaries.
-_BLOCK_BYTES = 64 << 20
-
 
 # ---------------------------------------------------------------------------------------------
 # The group and the slices
@@ -76,71 +67,6 @@ def _all_gather(t: Tensor, process_group, world: int) -> List[Tensor]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Per-row statistics and the gradient of one block of rows
-
-
-def _shaped(x: Tensor, softcap: Optional[float], temperature: float) -> Tensor:
-    """z = softcap * tanh(x / softcap) / temperature, in float32 (float64 for float64)."""
-    z = x.to(torch.promote_types(x.dtype, torch.float32))
-    if softcap is not None:
-        z = torch.tanh(z / softcap) * softcap
-    if temperature != 1.0:
-        z = z / temperature
-    return z
-
-
-def _block_stats(x: Tensor, local_target: Tensor, owned: Tensor, w_local: Optional[Tensor], opts) -> Tensor:
-    """(4, rows) of one block: max, sum of exp(z - max), owned target logit (else 0), sum_j w_j z_j."""
-    z = _shaped(x, opts.softcap, opts.temperature)
-    m = z.amax(dim=1) if z.shape[1] else z.new_full((z.shape[0],), -math.inf)  # an empty slice: -inf, sum 0
-    s = torch.exp(z - torch.where(torch.isfinite(m), m, torch.zeros_like(m))[:, None]).sum(dim=1)
-    zy = torch.where(owned, z.gather(1, local_target[:, None]).squeeze(1), torch.zeros_like(m)) \
-        if z.shape[1] else torch.zeros_like(m)
-    if opts.label_smoothing > 0:
-        a = (z * w_local).sum(dim=1) if w_local is not None else z.sum(dim=1)
-    else:
-        a = torch.zeros_like(m)
-    return torch.stack([m, s, zy, a])
-
-
-def _block_grad(x: Tensor, local_target: Tensor, owned: Tensor, w_local: Optional[Tensor], max_: Tensor,
-                log_sum: Tensor, lse: Tensor, wy: Tensor, row_scale: Tensor, opts, num_classes: int,
-                weight_total) -> Tensor:
-    """dloss/dx of one block (rows scaled by row_scale, which is 0 on ignored rows), float32."""
-    z = _shaped(x, opts.softcap, opts.temperature)
-    eps = opts.label_smoothing
-    p = torch.exp((z - max_[:, None]) - log_sum[:, None])
-    coef = ((1 - eps) * wy + eps * weight_total / num_classes + 2 * opts.z_loss * wy * lse) * row_scale
-    g = p * coef[:, None]
-    if g.shape[1]:
-        hot = torch.where(owned, -(1 - eps) * wy * row_scale, torch.zeros_like(wy))
-        g.scatter_add_(1, local_target[:, None], hot[:, None])
-    if eps > 0:
-        w = w_local if w_local is not None else torch.ones((), dtype=g.dtype, device=g.device)
-        g -= (eps / num_classes) * row_scale[:, None] * w
-    if opts.temperature != 1.0:
-        g = g / opts.temperature
-    if opts.softcap is not None:  # d(softcap tanh(x / softcap))/dx = 1 - tanh^2
-        g = g * (1 - torch.tanh(x.to(g.dtype) / opts.softcap) ** 2)
-    return g
-
-
-def _rows_of(t: Tensor) -> Tensor:
-    """(..., K) as (rows, K); K may be 0 (a rank holding no classes)."""
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
-
-
-def _rows_per_block(cols: int) -> int:
-    return max(1, _BLOCK_BYTES // (4 * max(cols, 1)))
-
-
-class _Options:
-    def __init__(self, ignore_index, reduction, label_smoothing, softcap, temperature, z_loss):
-        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
-        self.softcap, self.temperature, self.z_loss = softcap, temperature, z_loss
-
-
 def _check_target(target: Tensor, num_classes: int, ignore_index: int) -> None:
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if target.device.type == "cuda":  # no host synchronisation: the check fails the stream instead
@@ -148,62 +74,6 @@ def _check_target(target: Tensor, num_classes: int, ignore_index: int) -> None:
     elif bool(bad.any()):
         value = int(target[bad][0])
         raise IndexError(f"fused_loss.vocab_parallel: target {value} is out of bounds for {num_classes} classes")
-
-
-class _Rows:
-    """What every rank knows about the rows once the statistics are merged."""
-
-    def __init__(self, target, weight, class_start, local_classes, num_classes, opts, dtype):
-        self.target = target
-        self.valid = target != opts.ignore_index
-        safe = torch.where(self.valid, target, torch.zeros_like(target))
-        self.owned = self.valid & (safe >= class_start) & (safe < class_start + local_classes)
-        self.local_target = torch.where(self.owned, safe - class_start, torch.zeros_like(safe))
-        acc = torch.promote_types(dtype, torch.float32)
-        self.wy = (weight.to(acc)[safe] if weight is not None else torch.ones_like(safe, dtype=acc)) * self.valid
-        self.w_local = weight.to(acc)[class_start:class_start + local_classes] if weight is not None else None
-        self.weight_total = weight.to(acc).sum() if weight is not None else float(num_classes)  # no host sync
-        self.num_classes = num_classes
-
-    def merge(self, gathered: List[Tensor], opts):
-        """Rank-ordered merge of the gathered (4, rows) statistics: the loss per row and (M, log S, lse)."""
-        maxes = torch.stack([g[0] for g in gathered])
-        max_ = maxes.amax(dim=0)
-        finite = torch.where(torch.isfinite(max_), max_, torch.zeros_like(max_))
-        total = torch.zeros_like(max_)
-        zy = torch.zeros_like(max_)
-        a = torch.zeros_like(max_)
-        for g in gathered:  # fixed order: every rank adds the same numbers in the same order
-            total = total + g[1] * torch.exp(g[0] - finite)
-            zy = zy + g[2]
-            a = a + g[3]
-        self.max_, self.log_sum = finite, torch.log(total)
-        self.lse = self.max_ + self.log_sum
-        eps = opts.label_smoothing
-        loss = (1 - eps) * self.wy * (self.lse - zy)
-        if eps > 0:
-            loss = loss + (eps / self.num_classes) * (self.weight_total * self.lse - a)
-        if opts.z_loss:
-            loss = loss + opts.z_loss * self.wy * self.lse * self.lse
-        self.row_loss = torch.where(self.valid, loss, torch.zeros_like(loss))
-
-    def reduce(self, opts, out_dtype, batch_shape):
-        if opts.reduction == "none":
-            return self.row_loss.to(out_dtype).reshape(batch_shape)
-        total = self.row_loss.sum()
-        if opts.reduction == "sum":
-            return total.to(out_dtype)
-        return (total / self.wy.sum()).to(out_dtype)  # torch's weighted mean; 0/0 = NaN when all ignored
-
-    def row_scale(self, grad_output: Tensor, opts) -> Tensor:
-        g = grad_output.to(self.wy.dtype)
-        if opts.reduction == "none":
-            scale = g.reshape(-1)
-        elif opts.reduction == "sum":
-            scale = g.expand(self.wy.shape)
-        else:
-            scale = (g / self.wy.sum()).expand(self.wy.shape)
-        return torch.where(self.valid, scale, torch.zeros_like(scale))
 
 
 def _prepare(target: Tensor, logits_shape, weight, ignore_index, reduction, label_smoothing, softcap, temperature,
@@ -217,7 +87,7 @@ def _prepare(target: Tensor, logits_shape, weight, ignore_index, reduction, labe
     if tuple(target.shape) != tuple(logits_shape[:-1]):
         raise ValueError(f"fused_loss.{name}: expected a target of shape {tuple(logits_shape[:-1])} "
                          f"(the logits' leading dimensions), got {tuple(target.shape)}")
-    return _Options(ignore_index, reduction, label_smoothing, softcap, temperature, z_loss)
+    return Options(ignore_index, reduction, label_smoothing, softcap, temperature, z_loss)
 
 
 def _check_weight(weight, num_classes, name):
@@ -233,10 +103,10 @@ def _check_weight(weight, num_classes, name):
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, process_group, world, rank, class_start, num_classes, opts):
-        x = _rows_of(logits)
-        rows = _Rows(target.reshape(-1), weight, class_start, x.shape[1], num_classes, opts, x.dtype)
-        step = _rows_per_block(x.shape[1])
-        stats = torch.cat([_block_stats(x[i:i + step], rows.local_target[i:i + step], rows.owned[i:i + step],
+        x = rows_of(logits)
+        rows = Rows(target.reshape(-1), weight, class_start, x.shape[1], num_classes, opts, x.dtype)
+        step = rows_per_block(x.shape[1])
+        stats = torch.cat([block_stats(x[i:i + step], rows.local_target[i:i + step], rows.owned[i:i + step],
                                         rows.w_local, opts) for i in range(0, x.shape[0], step)], dim=1) \
             if x.shape[0] else x.new_zeros((4, 0), dtype=rows.wy.dtype)
         gathered = _all_gather(stats, process_group, world) if world > 1 else [stats]
@@ -250,13 +120,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         logits, = ctx.saved_tensors
         rows, opts = ctx.rows, ctx.opts
-        x = _rows_of(logits)
+        x = rows_of(logits)
         scale = rows.row_scale(grad_output, opts)
         grad = torch.empty_like(x)
-        step = _rows_per_block(x.shape[1])
+        step = rows_per_block(x.shape[1])
         for i in range(0, x.shape[0], step):
             sl = slice(i, i + step)
-            grad[sl] = _block_grad(x[sl], rows.local_target[sl], rows.owned[sl], rows.w_local, rows.max_[sl],
+            grad[sl] = block_grad(x[sl], rows.local_target[sl], rows.owned[sl], rows.w_local, rows.max_[sl],
                                    rows.log_sum[sl], rows.lse[sl], rows.wy[sl], scale[sl], opts, rows.num_classes,
                                    rows.weight_total)
         return grad.reshape(logits.shape), None, None, None, None, None, None, None, None
@@ -347,13 +217,13 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight_shard, bias_shard, target, class_weight, process_group, world, rank, class_start,
                 num_classes, opts, chunk):
-        x = _rows_of(input)
-        rows = _Rows(target.reshape(-1), class_weight, class_start, weight_shard.shape[0], num_classes, opts,
+        x = rows_of(input)
+        rows = Rows(target.reshape(-1), class_weight, class_start, weight_shard.shape[0], num_classes, opts,
                      input.dtype)
         parts = []
         for i in range(0, x.shape[0], chunk):
             logits = torch.nn.functional.linear(x[i:i + chunk], weight_shard, bias_shard)
-            parts.append(_block_stats(logits, rows.local_target[i:i + chunk], rows.owned[i:i + chunk],
+            parts.append(block_stats(logits, rows.local_target[i:i + chunk], rows.owned[i:i + chunk],
                                       rows.w_local, opts))
         stats = torch.cat(parts, dim=1) if parts else x.new_zeros((4, 0), dtype=rows.wy.dtype)
         gathered = _all_gather(stats, process_group, world) if world > 1 else [stats]
@@ -367,7 +237,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, weight_shard, bias_shard = ctx.saved_tensors
         rows, opts, chunk = ctx.rows, ctx.opts, ctx.chunk
-        x = _rows_of(input)
+        x = rows_of(input)
         scale = rows.row_scale(grad_output, opts)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         d_x = torch.zeros_like(x) if need_x else None
@@ -378,7 +248,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         for i in range(0, x.shape[0], chunk):
             sl = slice(i, i + chunk)
             logits = torch.nn.functional.linear(x[sl], weight_shard, bias_shard)
-            g = _block_grad(logits, rows.local_target[sl], rows.owned[sl], rows.w_local, rows.max_[sl],
+            g = block_grad(logits, rows.local_target[sl], rows.owned[sl], rows.w_local, rows.max_[sl],
                             rows.log_sum[sl], rows.lse[sl], rows.wy[sl], scale[sl], opts, rows.num_classes,
                             rows.weight_total)
             if d_x is not None:
@@ -432,6 +302,6 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, weight_shard: Tensor, tar
                                           num_classes, target.device)
     _check_weight(weight, num_classes, name)
     _check_target(target, num_classes, ignore_index)
-    chunk = chunk_size or max(256, _rows_per_block(weight_shard.shape[0]))
+    chunk = chunk_size or max(256, rows_per_block(weight_shard.shape[0]))
     return _VocabParallelLinearCrossEntropy.apply(input, weight_shard, linear_bias_shard, target, weight,
                                                   process_group, world, rank, class_start, num_classes, opts, chunk)

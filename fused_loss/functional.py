@@ -12,7 +12,7 @@ from . import composite, reference
 from . import chunked_linear_cross_entropy as lce
 from .cross_entropy_options import (CrossEntropyStats, check_options, composed_stats, shaped, stats_from_kernel,
                                     unbatch)
-from .ops import REDUCTIONS, ops
+from .ops import REDUCTIONS, ops, require_kernel
 
 
 def reduction_enum(reduction: str) -> int:
@@ -63,6 +63,7 @@ def cross_entropy(
         the accuracy, all from the same pass over the logits.
     """
     softcap, temperature, z_loss = check_options(softcap, temperature, z_loss)
+    require_kernel("fused_loss::cross_entropy_forward", input.device, "cross_entropy")
     if composite.needs_composite(input, target, weight):
         loss = reference.cross_entropy_with_options(input, target, weight, ignore_index,
                                                     _legacy_reduction(size_average, reduce, reduction),

@@ -19,6 +19,22 @@ ops = torch.ops.fused_loss
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction's numbering
 
+# (op, device type) pairs that have a kernel, asked of the dispatcher once, at import (every kernel
+# is registered by then), so that torch.compile traces a set lookup.
+KERNELS = frozenset(
+    (op, device) for op in torch._C._dispatch_get_all_op_names() if op.startswith("fused_loss::")
+    for device, key in (("cpu", "CPU"), ("cuda", "CUDA"), ("meta", "Meta"))
+    if torch._C._dispatch_has_kernel_for_dispatch_key(op, key))
+
+
+def require_kernel(op: str, device: torch.device, name: str) -> None:
+    """A clear error where this build has no kernel of `op` for the device (today: cross-entropy on
+    CUDA), instead of the dispatcher's."""
+    if (op, device.type) not in KERNELS:
+        raise NotImplementedError(
+            f"fused_loss.{name}: this build has no {device.type} kernel for it (CUDA kernels exist for the "
+            f"elementwise losses only, so far); use torch's loss, or fused_loss.patch(), which falls back to torch's")
+
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of the kernels: float64 for float64 inputs, else float32."""

@@ -23,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import functional as fused_F
+from . import ops
 
 # name in torch.nn.functional -> (fused function, the registered op whose kernels decide the devices)
 _TARGETS = {
@@ -38,10 +39,6 @@ PATCHABLE = tuple(name for name in _TARGETS if hasattr(torch_F, name))  # linear
 _ORIGINAL_ATTR = "__fused_loss_original__"
 
 
-# (op, device type) -> whether fused_loss has a kernel there; asked of the dispatcher once, at import
-# (the kernels are registered by then), so torch.compile traces a dictionary lookup.
-_KERNELS = {(op, device): torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
-            for _, op in _TARGETS.values() for device, key in (("cpu", "CPU"), ("cuda", "CUDA"), ("meta", "Meta"))}
 
 
 # Tensors fused_loss computes on: plain ones, and torch.compile's stand-ins for them while it traces
@@ -60,7 +57,7 @@ def _fused_can_run(op: str, args, kwargs) -> bool:
             return False
         if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t):
             return False
-    return _KERNELS.get((op, tensors[0].device.type), False)
+    return (op, tensors[0].device.type) in ops.KERNELS
 
 
 def _make_wrapper(name: str, original, fused, op: str):

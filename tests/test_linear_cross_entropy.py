@@ -514,3 +514,36 @@ def test_autocast_as_torch(reduction):
     for a, b, e in zip(torch.autograd.grad(got, (h, w), up), torch.autograd.grad(want, (h, w), up), exact):
         assert a.dtype == b.dtype == torch.float32
         assert (a.double() - e).abs().max() <= 2 * (b.double() - e).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, softcap=3.0, temperature=0.8, z_loss=1e-3,
+                                               weighted=True)], ids=["plain", "options"])
+def test_chunks_on_a_device_without_the_kernel(monkeypatch, reduction, dtype, opts):
+    """Where the build has no cross-entropy kernel (CUDA, for now) the chunks take torch ops
+    (composed_cross_entropy): forced here on the CPU, they give the kernel path's results."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(50, 16, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(40, 16, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, 40, (50,), generator=g)
+    y[3] = -100
+    kw = {k: v for k, v in opts.items() if k != "weighted"}
+    if opts.get("weighted"):
+        kw["weight"] = torch.rand(40, generator=g, dtype=torch.float64).to(dtype)
+
+    def run():
+        x, lw = h.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fused_loss.linear_cross_entropy(x, lw, y, reduction=reduction, chunk_size=7, **kw)
+        up = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).reshape(out.shape)
+        return [out.detach(), *torch.autograd.grad(out, (x, lw), up)]
+
+    want = run()
+    monkeypatch.setattr(lce, "chunk_ops", lambda device: lce._ComposedChunkOps)
+    got = run()
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+    with pytest.raises(NotImplementedError, match="fused_loss.linear_cross_entropy: return_stats"):
+        fused_loss.linear_cross_entropy(h, w, y, return_stats=True, chunk_size=7)
