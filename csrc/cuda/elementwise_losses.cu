@@ -155,6 +155,21 @@ __global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ y
   });
 }
 
+// A call's contiguous input and target and its broadcast operands (kept alive here).
+template <typename T>
+struct Inputs {
+  at::Tensor x, y, keep_w, keep_pw;
+  DeviceOperand<T> w, pw;
+
+  Inputs(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+         const std::optional<at::Tensor>& pos_weight)
+      : x(input.contiguous()), y(target.contiguous()) {
+    w = device_operand<T>(weight, x, keep_w, "weight");
+    pw = device_operand<T>(pos_weight, x, keep_pw, "pos_weight");
+  }
+  bool vectorized() const { return aligned16(x.data_ptr()) && aligned16(y.data_ptr()); }
+};
+
 int blocks_for(int64_t n) {
   const int64_t per_block = int64_t(kThreads) * 4;
   return int(std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (n + per_block - 1) / per_block)));
@@ -179,17 +194,16 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& input, const a
                                                 bool compute_grad, const Op& op) {
   using A = acc_t<T>;
   const Reduction red = to_reduction(reduction);
-  const at::Tensor x = input.contiguous(), y = target.contiguous();
-  at::Tensor keep_w, keep_pw;
-  const DeviceOperand<T> w = device_operand<T>(weight, x, keep_w, "weight");
-  const DeviceOperand<T> pw = device_operand<T>(pos_weight, x, keep_pw, "pos_weight");
+  const Inputs<T> in(input, target, weight, pos_weight);
+  const at::Tensor &x = in.x, &y = in.y;
+  const DeviceOperand<T> &w = in.w, &pw = in.pw;
   const int64_t n = x.numel();
   const int blocks = blocks_for(n);
   auto stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor empty = at::empty({0}, x.options());
   if (red == Reduction::None) {
     at::Tensor out = at::empty_like(x);
-    const bool vec = aligned16(x.data_ptr()) && aligned16(y.data_ptr());
+    const bool vec = in.vectorized();
     if (n > 0) {
       forward_kernel<T, Op><<<blocks, kThreads, 0, stream>>>(x.data_ptr<T>(), y.data_ptr<T>(), w, pw, n, vec, op,
                                                              out.data_ptr<T>(), nullptr, A(0), nullptr);
@@ -198,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& input, const a
     return {out, empty};
   }
   at::Tensor dx = compute_grad ? at::empty_like(x) : empty;
-  const bool vec = aligned16(x.data_ptr()) && aligned16(y.data_ptr());
+  const bool vec = in.vectorized();
   at::Tensor partials = at::empty({blocks}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
   at::Tensor loss = at::empty({}, x.options());
   const A scale = A(red == Reduction::Mean ? 1.0 / double(n) : 1.0);  // the backward's for an upstream 1
@@ -223,10 +237,9 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
                                                  bool input_grad, bool target_grad, const Op& op) {
   using A = acc_t<T>;
   const Reduction red = to_reduction(reduction);
-  const at::Tensor x = input.contiguous(), y = target.contiguous();
-  at::Tensor keep_w, keep_pw;
-  const DeviceOperand<T> w = device_operand<T>(weight, x, keep_w, "weight");
-  const DeviceOperand<T> pw = device_operand<T>(pos_weight, x, keep_pw, "pos_weight");
+  const Inputs<T> in(input, target, weight, pos_weight);
+  const at::Tensor &x = in.x, &y = in.y;
+  const DeviceOperand<T> &w = in.w, &pw = in.pw;
   const int64_t n = x.numel();
   at::Tensor dx = input_grad ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor dy = target_grad ? at::empty_like(y) : at::empty({0}, y.options());
@@ -241,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
     TORCH_CHECK(grad.numel() == 1, "fused_loss: expected a scalar gradient, got shape ", grad.sizes());
   }
   g = grad.to(x.scalar_type()).contiguous();
-  const bool vec = aligned16(x.data_ptr()) && aligned16(y.data_ptr());
+  const bool vec = in.vectorized();
   const bool per_element = red == Reduction::None;
   auto stream = at::cuda::getCurrentCUDAStream();
   backward_kernel<T, Op><<<blocks_for(n), kThreads, 0, stream>>>(
@@ -277,64 +290,12 @@ std::tuple<at::Tensor, at::Tensor> backward_entry(const char* name, const Op& op
   });
 }
 
-using Tensor = at::Tensor;
-using OptTensor = std::optional<at::Tensor>;
-using TensorPair = std::tuple<at::Tensor, at::Tensor>;
-constexpr auto kNone = std::nullopt;
-
-SmoothL1 smooth_l1(double beta) {
-  TORCH_CHECK(beta >= 0, "smooth_l1_loss does not support negative values for beta.");
-  return SmoothL1::with_beta(beta);
-}
-
-Huber huber(double delta) {
-  TORCH_CHECK(delta > 0, "huber_loss does not support non-positive values for delta.");
-  return {delta};
-}
-
-constexpr const char* kBce = "binary_cross_entropy_with_logits";
-
-TensorPair bce_forward(const Tensor& x, const Tensor& y, const OptTensor& w, const OptTensor& pw, int64_t red,
-                       bool grad) {
-  return forward_entry(kBce, BceWithLogits{pw.has_value()}, x, y, w, pw, red, grad);
-}
-TensorPair bce_backward(const Tensor& g, const Tensor& x, const Tensor& y, const OptTensor& w, const OptTensor& pw,
-                        int64_t red, bool dx, bool dy) {
-  return backward_entry(kBce, BceWithLogits{pw.has_value()}, g, x, y, w, pw, red, dx, dy);
-}
-TensorPair smooth_l1_forward(const Tensor& x, const Tensor& y, int64_t red, double beta, bool grad) {
-  return forward_entry("smooth_l1_loss", smooth_l1(beta), x, y, kNone, kNone, red, grad);
-}
-TensorPair smooth_l1_backward(const Tensor& g, const Tensor& x, const Tensor& y, int64_t red, double beta, bool dx,
-                              bool dy) {
-  return backward_entry("smooth_l1_loss", smooth_l1(beta), g, x, y, kNone, kNone, red, dx, dy);
-}
-TensorPair huber_forward(const Tensor& x, const Tensor& y, const OptTensor& w, int64_t red, double delta, bool grad) {
-  return forward_entry("huber_loss", huber(delta), x, y, w, kNone, red, grad);
-}
-TensorPair huber_backward(const Tensor& g, const Tensor& x, const Tensor& y, const OptTensor& w, int64_t red,
-                          double delta, bool dx, bool dy) {
-  return backward_entry("huber_loss", huber(delta), g, x, y, w, kNone, red, dx, dy);
-}
-TensorPair focal_forward(const Tensor& x, const Tensor& y, int64_t red, double alpha, double gamma, bool grad) {
-  return forward_entry("sigmoid_focal_loss", SigmoidFocal{alpha, gamma}, x, y, kNone, kNone, red, grad);
-}
-TensorPair focal_backward(const Tensor& g, const Tensor& x, const Tensor& y, int64_t red, double alpha, double gamma,
-                          bool dx, bool dy) {
-  return backward_entry("sigmoid_focal_loss", SigmoidFocal{alpha, gamma}, g, x, y, kNone, kNone, red, dx, dy);
-}
+#include "fused_loss/elementwise_entries.h"  // the ops' entry points, over forward_entry/backward_entry
 
 }  // namespace
 }  // namespace fused_loss::cuda
 
 TORCH_LIBRARY_IMPL(fused_loss, CUDA, m) {
   using namespace fused_loss::cuda;
-  m.impl("binary_cross_entropy_with_logits_forward", &bce_forward);
-  m.impl("binary_cross_entropy_with_logits_backward", &bce_backward);
-  m.impl("smooth_l1_loss_forward", &smooth_l1_forward);
-  m.impl("smooth_l1_loss_backward", &smooth_l1_backward);
-  m.impl("huber_loss_forward", &huber_forward);
-  m.impl("huber_loss_backward", &huber_backward);
-  m.impl("sigmoid_focal_loss_forward", &focal_forward);
-  m.impl("sigmoid_focal_loss_backward", &focal_backward);
+  FUSED_LOSS_REGISTER_ELEMENTWISE(m);
 }
