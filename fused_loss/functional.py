@@ -196,6 +196,8 @@ def binary_cross_entropy_with_logits(
     """Drop-in for torch.nn.functional.binary_cross_entropy_with_logits: one fused pass.
     weight broadcasts to the input's shape; pos_weight along the last (class) dimension, as in
     torch. Soft targets in [0, 1]; gradients w.r.t. input and target."""
+    require_kernel("fused_loss::binary_cross_entropy_with_logits_forward", input.device,
+                   "binary_cross_entropy_with_logits")
     if composite.needs_composite(input, target, weight, pos_weight):
         return reference.binary_cross_entropy_with_logits(input, target, weight, size_average, reduce, reduction,
                                                           pos_weight)
@@ -244,6 +246,7 @@ def smooth_l1_loss(
     beta: float = 1.0,
 ) -> Tensor:
     """Drop-in for torch.nn.functional.smooth_l1_loss (beta = 0 is L1, NaN-free)."""
+    require_kernel("fused_loss::smooth_l1_loss_forward", input.device, "smooth_l1_loss")
     if composite.needs_composite(input, target):
         return reference.smooth_l1_loss(input, target, size_average, reduce, reduction, beta)
     red = reduction_enum(_legacy_reduction(size_average, reduce, reduction))
@@ -264,6 +267,7 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: fl
                weight: Optional[Tensor] = None) -> Tensor:
     """Drop-in for torch.nn.functional.huber_loss; weight (the input's shape) multiplies each
     element's loss before the reduction, as in torch."""
+    require_kernel("fused_loss::huber_loss_forward", input.device, "huber_loss")
     if composite.needs_composite(input, target, weight):
         return reference.huber_loss(input, target, reduction, delta, weight=weight)
     red = reduction_enum(reduction)
@@ -290,6 +294,7 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
                        reduction: str = "none") -> Tensor:
     """torchvision.ops.sigmoid_focal_loss in one fused pass: alpha_t * BCE * (1 - p_t)^gamma,
     no alpha weighting when alpha < 0."""
+    require_kernel("fused_loss::sigmoid_focal_loss_forward", inputs.device, "sigmoid_focal_loss")
     if composite.needs_composite(inputs, targets):
         return reference.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
     if reduction not in REDUCTIONS:

@@ -41,6 +41,7 @@ if grep -E "^(csrc|$PWD/csrc)/[^ ]*(\(|:)[0-9]+.*warning" "$OUT/build.log" >&2; 
   exit 1
 fi
 rm -rf "$OUT/lib/fused_loss"/*.py && cp fused_loss/*.py "$OUT/lib/fused_loss/"
+check() {
 PYTHONPATH="$OUT/lib" PYTHONSAFEPATH=1 "$PY" - <<'PY'
 import torch
 import fused_loss
@@ -54,5 +55,21 @@ assert _C.__file__.startswith("build/cuda-check") or "cuda-check" in _C.__file__
 assert not missing, f"no CUDA kernel registered for {missing}"
 print(f"cuda_check.sh: {_C.__file__} loads with torch {torch.__version__} (CUDA {torch.version.cuda}); "
       f"CUDA kernels of {len(expected)} ops registered")
+# Unverified CUDA kernels are used only when asked for (fused_loss/ops.py): check the gate both ways.
+import os
+from fused_loss import ops
+used = {op for op, device in ops.KERNELS if device == "cuda"}
+if os.environ.get("FUSED_LOSS_CUDA_UNVERIFIED") == "1":
+    assert used == {f"fused_loss::{op}" for op in expected}, used
+else:
+    assert not used, used
+    try:
+        ops.require_kernel("fused_loss::smooth_l1_loss_forward", torch.device("cuda"), "smooth_l1_loss")
+        raise AssertionError("no error for an unverified CUDA kernel")
+    except NotImplementedError as e:
+        assert "not yet verified" in str(e), e
 PY
+}
+check
+FUSED_LOSS_CUDA_UNVERIFIED=1 check > /dev/null
 echo "cuda_check.sh: built and checked in $(( $(date +%s) - start )) s"

@@ -1,7 +1,7 @@
 """The CUDA kernels (elementwise losses so far): CPU-vs-CUDA agreement of values and gradients,
 bitwise determinism run to run, and a CUDA-graph capture of forward and backward. Skipped unless
-a GPU is visible and the CUDA kernels were built (scripts/cuda_check.sh compile-checks them on
-machines without a GPU)."""
+a GPU is visible, the CUDA kernels were built, and (until they are verified) FUSED_LOSS_CUDA_UNVERIFIED=1
+(scripts/cuda_check.sh compile-checks them on machines without a GPU)."""
 import pytest
 import torch
 
@@ -9,8 +9,12 @@ import fused_loss
 
 HAS_CUDA_KERNELS = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "fused_loss::smooth_l1_loss_forward", "CUDA")
-pytestmark = pytest.mark.skipif(not HAS_CUDA_KERNELS,
-                                reason="no GPU visible, or fused_loss was built without its CUDA kernels")
+USED = ("fused_loss::smooth_l1_loss_forward", "cuda") in fused_loss.ops.KERNELS
+pytestmark = [
+    pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="no GPU visible, or fused_loss was built without its CUDA kernels"),
+    pytest.mark.skipif(HAS_CUDA_KERNELS and not USED, reason="the CUDA kernels are not yet verified: run with "
+                       "FUSED_LOSS_CUDA_UNVERIFIED=1 to test them (scripts/gpu_session.sh does)"),
+]
 
 DTYPES = [(torch.float32, 1e-5, 1e-6), (torch.float64, 1e-12, 1e-12), (torch.bfloat16, 1e-2, 1e-2),
           (torch.float16, 1e-3, 1e-3)]
