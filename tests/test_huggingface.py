@@ -150,3 +150,18 @@ def test_bfloat16_model_gives_a_float32_loss_as_transformers():
         got = fused(input_ids=input_ids, labels=labels).loss
     assert got.dtype == want.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_patch_routes_the_models_own_loss_through_fused_loss():
+    # fused_loss.patch() alone (no apply): transformers' loss calls torch.nn.functional.cross_entropy.
+    import fused_loss
+
+    model, _ = pair(llama, seed=7)
+    input_ids, labels, _ = batch(seed=7)
+    want, want_grads = loss_and_grads(model, input_ids=input_ids, labels=labels)
+    with fused_loss.patch():
+        got, got_grads = loss_and_grads(model, input_ids=input_ids, labels=labels)
+    assert "fused_loss" in type(got.loss.grad_fn).__name__
+    torch.testing.assert_close(got.loss, want.loss)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6)
