@@ -15,7 +15,9 @@ rank. The ranks exchange per-row statistics only, never logits:
   rank's slice of the head contributes to).
 
 When the slice's offset and the class count are not given, one more small all_gather of the slice
-sizes finds them: at most two collectives per forward.
+sizes (and row counts) finds them: at most two collectives per forward. Each rank's (offset, size,
+class count) also rides in the statistics' all_gather, so slices that do not split the classes
+exactly are refused on every rank alike, at no extra collective.
 
 The per-row math: fused_loss/composed_cross_entropy.py.
 """
@@ -43,7 +45,7 @@ def _group_world_rank(process_group) -> Tuple[int, int]:
     return dist.get_world_size(process_group), dist.get_rank(process_group)
 
 
-def _slices(local_classes: int, process_group, world: int, rank: int, class_start, num_classes,
+def _slices(local_classes: int, rows: int, process_group, world: int, rank: int, class_start, num_classes,
             device) -> Tuple[int, int, int]:
     """(class_start, num_classes, collectives used) of this rank's slice."""
     if (class_start is None) != (num_classes is None):
@@ -56,9 +58,48 @@ def _slices(local_classes: int, process_group, world: int, rank: int, class_star
         return int(class_start), int(num_classes), 0
     if world == 1:
         return 0, local_classes, 0
-    sizes = _all_gather(torch.tensor([local_classes], dtype=torch.int64, device=device), process_group, world)
-    sizes = [int(s) for s in torch.cat(sizes).tolist()]
+    # The row counts ride along: ranks with different rows would otherwise fail (or hang) in the
+    # statistics' all_gather; here every rank sees the same sizes and raises the same error.
+    sizes = _all_gather(torch.tensor([local_classes, rows], dtype=torch.int64, device=device), process_group, world)
+    sizes = torch.stack(sizes).tolist()
+    if len({r for _, r in sizes}) > 1:
+        raise ValueError(f"fused_loss.vocab_parallel: the ranks have different numbers of rows "
+                         f"{[r for _, r in sizes]}; the target must be the same on every rank")
+    sizes = [c for c, _ in sizes]
     return sum(sizes[:rank]), sum(sizes), 1
+
+
+def _gather_stats(stats: Tensor, class_start: int, local_classes: int, num_classes: int, process_group,
+                  world: int) -> List[Tensor]:
+    """Every rank's (4, rows) statistics, in rank order, by one all_gather. Each rank's
+    (class_start, C_r, C) rides along in one extra column, so that slices given by
+    class_start/num_classes which overlap, leave a gap or disagree on C are refused at no extra
+    collective, on every rank alike (they all see the same gathered values)."""
+    if world == 1:
+        return [stats]
+    meta = torch.tensor([class_start, local_classes, num_classes, 0], dtype=stats.dtype, device=stats.device)
+    gathered = _all_gather(torch.cat([stats, meta[:, None]], dim=1), process_group, world)
+    if num_classes <= 2 / torch.finfo(stats.dtype).eps:  # the integers survive the float (2**24 in float32)
+        slices = torch.stack([g[:3, -1] for g in gathered])
+        ok = _tiles(slices)
+        msg = "fused_loss.vocab_parallel: the ranks' class slices do not split [0, num_classes) into disjoint parts"
+        if stats.device.type == "cuda":  # no host synchronisation: the check fails the stream instead
+            torch._assert_async(ok, msg)
+        elif not bool(ok):
+            raise ValueError(f"{msg}: (class_start, size, num_classes) of each rank: "
+                             f"{[tuple(int(v) for v in r) for r in slices.tolist()]}")
+    return [g[:, :-1] for g in gathered]
+
+
+def _tiles(slices: Tensor) -> Tensor:
+    """Whether the (world, 3) rows (start, size, C) cover [0, C) exactly once, in any order (empty
+    slices anywhere), as a 0-dim bool tensor: the non-empty slices, sorted by start, must each
+    start where the ones before end, and their sizes add up to C."""
+    start, size, total = slices.unbind(1)
+    order = torch.argsort(start * 2 + (size > 0).to(start.dtype), stable=True)  # empties before a tie
+    start, size = start[order], size[order]
+    before = torch.cumsum(size, 0) - size
+    return ((start == before) | (size == 0)).all() & (size.sum() == total[0]) & (total == total[0]).all()
 
 
 def _all_gather(t: Tensor, process_group, world: int) -> List[Tensor]:
@@ -109,8 +150,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         stats = torch.cat([block_stats(x[i:i + step], rows.local_target[i:i + step], rows.owned[i:i + step],
                                         rows.w_local, opts) for i in range(0, x.shape[0], step)], dim=1) \
             if x.shape[0] else x.new_zeros((4, 0), dtype=rows.wy.dtype)
-        gathered = _all_gather(stats, process_group, world) if world > 1 else [stats]
-        rows.merge(gathered, opts)
+        rows.merge(_gather_stats(stats, class_start, x.shape[1], num_classes, process_group, world), opts)
         ctx.save_for_backward(logits)
         ctx.rows, ctx.opts = rows, opts
         return rows.reduce(opts, logits.dtype, target.shape)
@@ -134,8 +174,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 def _dtensor_parts(logits, target, process_group):
     """A DTensor of logits sharded on the class dimension over a 1-D mesh: its local shard (taken
-    differentiably), the mesh's group and the offset of this rank's classes (torch's Shard puts
-    ceil(C / world) classes on each rank, fewer on the last ones)."""
+    differentiably), the mesh's group and the offset of this rank's classes (as torch's Shard
+    splits: torch.chunk's ceil(C / world) classes per rank, fewer or none on the last ones).
+    (torch's _StridedShard, not contiguous, is not a Shard and is refused.)"""
     from torch.distributed.tensor import DTensor, Shard
 
     mesh = logits.device_mesh
@@ -150,10 +191,9 @@ def _dtensor_parts(logits, target, process_group):
     group = mesh.get_group()
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     num_classes = logits.shape[-1]
-    per_rank = -(-num_classes // world)
+    size, start = Shard.local_shard_size_and_offset(num_classes, world, rank)  # torch's own split
     local = logits.to_local()
-    start = min(rank * per_rank, num_classes)
-    if local.shape[-1] != min(per_rank, num_classes - start):
+    if local.shape[-1] != size:
         raise ValueError("fused_loss.vocab_parallel_cross_entropy: the DTensor's local shard does not have the "
                          "size torch's Shard placement gives it")
     if isinstance(target, DTensor):
@@ -171,8 +211,11 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, process_g
 
     logits_shard: (..., C_r), this rank's contiguous slice of the C classes; target: (...), global
     class indices (int64), the same on every rank. class_start, num_classes: this slice's first class
-    and C; when not given, the ranks' slice sizes are gathered (one small all_gather) and the slices
-    are taken in rank order. weight: class weights of all C classes, the same on every rank.
+    and C. Give them when you know them (a fixed head: they save a collective, one round trip, per
+    call); when not given, the ranks' slice sizes (and row counts, which must agree) are gathered
+    by one small all_gather and the slices are taken in rank order. Either way, slices that overlap,
+    leave a gap or disagree on C raise a ValueError on every rank (checked on values that ride in
+    the statistics' all_gather). weight: class weights of all C classes, the same on every rank.
     The other arguments are fused_loss.cross_entropy's (with its LLM options). Returns the same loss
     on every rank, a plain tensor (the input's dtype; per row of the target's shape for 'none'),
     equal to cross_entropy of the whole logits; the gradient reaches each rank's slice.
@@ -194,8 +237,8 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, process_g
     opts = _prepare(target, logits_shard.shape, weight, ignore_index, reduction, label_smoothing, softcap,
                     temperature, z_loss, name)
     world, rank = _group_world_rank(process_group)
-    class_start, num_classes, _ = _slices(logits_shard.shape[-1], process_group, world, rank, class_start,
-                                          num_classes, target.device)
+    class_start, num_classes, _ = _slices(logits_shard.shape[-1], target.numel(), process_group, world, rank,
+                                          class_start, num_classes, target.device)
     _check_weight(weight, num_classes, name)
     _check_target(target, num_classes, ignore_index)
     return _VocabParallelCrossEntropy.apply(logits_shard, target, weight, process_group, world, rank, class_start,
@@ -226,8 +269,8 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             parts.append(block_stats(logits, rows.local_target[i:i + chunk], rows.owned[i:i + chunk],
                                       rows.w_local, opts))
         stats = torch.cat(parts, dim=1) if parts else x.new_zeros((4, 0), dtype=rows.wy.dtype)
-        gathered = _all_gather(stats, process_group, world) if world > 1 else [stats]
-        rows.merge(gathered, opts)
+        rows.merge(_gather_stats(stats, class_start, weight_shard.shape[0], num_classes, process_group, world),
+                   opts)
         ctx.save_for_backward(input, weight_shard, bias_shard)
         ctx.rows, ctx.opts, ctx.chunk, ctx.group, ctx.world = rows, opts, chunk, process_group, world
         return rows.reduce(opts, input.dtype, target.shape)
@@ -298,8 +341,8 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, weight_shard: Tensor, tar
     opts = _prepare(target, (*input.shape[:-1], weight_shard.shape[0]), weight, ignore_index, reduction,
                     label_smoothing, softcap, temperature, z_loss, name)
     world, rank = _group_world_rank(process_group)
-    class_start, num_classes, _ = _slices(weight_shard.shape[0], process_group, world, rank, class_start,
-                                          num_classes, target.device)
+    class_start, num_classes, _ = _slices(weight_shard.shape[0], target.numel(), process_group, world, rank,
+                                          class_start, num_classes, target.device)
     _check_weight(weight, num_classes, name)
     _check_target(target, num_classes, ignore_index)
     chunk = chunk_size or max(256, rows_per_block(weight_shard.shape[0]))

@@ -149,6 +149,101 @@ def check_collectives(rank):
     assert forward_gathered == ["all_gather", "all_gather"], forward_gathered
 
 
+def check_batched_and_bitwise_equal(rank, world):
+    """(B, T, C_r) slices with a (B, T) target; every rank's loss and row losses are bitwise equal
+    (the statistics are merged in rank order from the same gathered values)."""
+    sizes = SPLITS["uneven"]
+    start = sum(sizes[:rank])
+    logits, target, *_ = full_case(6, torch.float32, rows=30, classes=sum(sizes))
+    logits, target = logits.reshape(5, 6, -1), target.reshape(5, 6)
+    full = logits.clone().requires_grad_()
+    want = F.cross_entropy(full.transpose(1, 2), target, label_smoothing=0.1)  # torch's (N, C, d) layout
+    want.backward()
+    shard = logits[..., start:start + sizes[rank]].clone().requires_grad_()
+    got = fused_loss.vocab_parallel_cross_entropy(shard, target, label_smoothing=0.1)
+    got.backward()
+    close(got, want.detach(), "batched loss", atol=1e-5, rtol=1e-5)
+    close(shard.grad, full.grad[..., start:start + sizes[rank]], "batched grad", atol=1e-6, rtol=1e-5)
+    per_row = fused_loss.vocab_parallel_cross_entropy(shard.detach(), target, reduction="none", z_loss=1e-3)
+    assert per_row.shape == target.shape, per_row.shape
+    for mine in (got.detach(), per_row):
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine)
+        assert all(torch.equal(every[0], t) for t in every), "the ranks' losses differ"
+
+
+def check_dtensor_last_dim(rank, world):
+    """Shard(-1) of (B, T, C) logits, reduction 'none' (a plain (B, T) tensor on every rank)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    logits, target, *_ = full_case(7, torch.float64, rows=12, classes=11)
+    logits, target = logits.reshape(3, 4, 11), target.reshape(3, 4)
+    full = logits.clone().requires_grad_()
+    want = unsharded(full.reshape(12, 11), target.reshape(12), dict(reduction="none", z_loss=1e-2)).reshape(3, 4)
+    upstream = torch.linspace(0.5, 1.5, 12, dtype=torch.float64).reshape(3, 4)
+    want.backward(upstream)
+    dt = distribute_tensor(logits, mesh, [Shard(-1)]).requires_grad_()
+    got = fused_loss.vocab_parallel_cross_entropy(dt, target, reduction="none", z_loss=1e-2)
+    assert type(got) is torch.Tensor and got.shape == (3, 4), (type(got), got.shape)
+    got.backward(upstream)
+    close(got, want.detach(), "dtensor loss", atol=1e-12, rtol=1e-10)
+    close(dt.grad.full_tensor(), full.grad, "dtensor grad", atol=1e-12, rtol=1e-10)
+
+
+def check_inconsistent_slices(rank):
+    """Slices given by class_start/num_classes that overlap, leave a gap or disagree on C, and row
+    counts that differ, raise the same error on every rank (no hang, no silent wrong loss)."""
+    logits, target, *_ = full_case(8, torch.float64)
+    shard = logits[:, rank * 12:(rank + 1) * 12]
+    for what, kw in [("overlap", dict(class_start=0, num_classes=24)),
+                     ("gap", dict(class_start=rank * 12, num_classes=25)),
+                     ("class counts", dict(class_start=rank * 12, num_classes=24 + rank))]:
+        try:
+            fused_loss.vocab_parallel_cross_entropy(shard, target, **kw)
+        except ValueError as e:
+            assert str(e).startswith("fused_loss.") and "slices" in str(e), str(e)
+        else:
+            raise AssertionError(f"no error for slices with a {what}")
+    rows = 5 + rank
+    try:
+        fused_loss.vocab_parallel_cross_entropy(shard[:rows], target[:rows])
+    except ValueError as e:
+        assert str(e).startswith("fused_loss.") and "rows" in str(e), str(e)
+    else:
+        raise AssertionError("no error for ranks with different rows")
+
+
+def check_linear_collectives(rank):
+    """The linear op: one all_gather in the forward, one all_reduce of d_input in the backward."""
+    calls = []
+    original = {name: getattr(dist, name) for name in ("all_gather", "all_reduce")}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return original[name](*args, **kwargs)
+        return call
+
+    _, target, _, hidden_states, head, _ = full_case(9, torch.float64)
+    x = hidden_states.clone().requires_grad_()
+    w = head[rank * 12:(rank + 1) * 12].clone().requires_grad_()
+    try:
+        for name in original:
+            setattr(dist, name, counting(name))
+        loss = fused_loss.vocab_parallel_linear_cross_entropy(x, w, target, class_start=rank * 12, num_classes=24,
+                                                              chunk_size=4)
+        forward, calls[:] = list(calls), []
+        loss.backward()
+        backward = list(calls)
+    finally:
+        for name, fn in original.items():
+            setattr(dist, name, fn)
+    assert forward == ["all_gather"], forward  # one, whatever the number of chunks (8 here)
+    assert backward == ["all_reduce"], backward
+
+
 def check_bad_target(rank):
     logits, target, *_ = full_case(5, torch.float64)
     target[2] = 24
@@ -173,7 +268,11 @@ def main():
     cases += [(f"linear {split} {opts} bias={b}", lambda s=split, o=opts, b=b: check_linear(rank, s, o, b))
               for split in ("even", "uneven") for opts in OPTIONS[::2] for b in (False, True)]
     cases += [("dtensor", lambda: check_dtensor(rank, world)), ("collectives", lambda: check_collectives(rank)),
-              ("bad target", lambda: check_bad_target(rank))]
+              ("bad target", lambda: check_bad_target(rank)),
+              ("batched, bitwise equal on the ranks", lambda: check_batched_and_bitwise_equal(rank, world)),
+              ("dtensor Shard(-1)", lambda: check_dtensor_last_dim(rank, world)),
+              ("inconsistent slices", lambda: check_inconsistent_slices(rank)),
+              ("linear collectives", lambda: check_linear_collectives(rank))]
     failures = []
     for name, case in cases:
         try:

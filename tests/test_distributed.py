@@ -21,7 +21,10 @@ WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 
 def test_two_ranks_equal_the_unsharded_results(tmp_path):
     world = 2
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # The workers import this checkout's fused_loss (as this process does), not an installed one.
+    root = os.path.dirname(os.path.dirname(fused_loss.__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     procs = [subprocess.Popen([sys.executable, WORKER, str(rank), str(world), str(tmp_path / "store"),
                                str(tmp_path / f"rank{rank}.json")], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
