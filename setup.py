@@ -4,7 +4,7 @@ CPU kernels use at::vec::Vectorized, whose width is chosen at compile time by th
 CPU_CAPABILITY macros (ATen builds each kernel once per capability and dispatches at
 run time; we build once, for the best capability of the build machine). Override with
 FUSED_LOSS_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 when building for another machine.
-CUDA kernels (csrc/cuda/*.cu) are added when torch has CUDA and a CUDA toolkit is found;
+CUDA kernels (csrc/cuda/**/*.cu) are added when torch has CUDA and a CUDA toolkit is found;
 FUSED_LOSS_CUDA=0 skips them (FUSED_LOSS_NO_CUDA=1 too), FUSED_LOSS_CUDA=1 requires them.
 TORCH_CUDA_ARCH_LIST chooses the GPUs (default: Ampere and Hopper, 8.0;9.0 with PTX of 9.0);
 MAX_JOBS bounds the parallel compiles (torch's ninja build reads it).
@@ -101,9 +101,9 @@ def extension():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx = cpu_flags() + sanitize_flags()
     link = ["-fopenmp"] + sanitize_flags()
-    if use_cuda() and glob.glob("csrc/cuda/*.cu"):
+    if use_cuda() and glob.glob("csrc/cuda/**/*.cu", recursive=True):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)  # read by torch's nvcc flags
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
         return cpp_extension.CUDAExtension(
             "fused_loss._C",
             sources,

@@ -39,6 +39,14 @@ TORCH_LIBRARY(fused_loss, m) {
       "cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor stats, "
       "int reduction, int ignore_index, float label_smoothing, float? softcap=None, float temperature=1.0, "
       "float z_loss=0.0) -> Tensor");
+  // The backward into the forward's in-pass gradient (reductions mean and sum): grad_input holds
+  // the gradient for an upstream gradient of 1; it is left as it is where grad_loss is exactly 1
+  // (read on the device, on CUDA: no host synchronisation), else overwritten with the gradient
+  // for grad_loss (the same bits as cross_entropy_backward).
+  m.def(
+      "cross_entropy_backward_into(Tensor(a!) grad_input, Tensor grad_loss, Tensor input, Tensor target, "
+      "Tensor? weight, Tensor stats, int reduction, int ignore_index, float label_smoothing, float? softcap=None, "
+      "float temperature=1.0, float z_loss=0.0) -> ()");
   // Probability targets (same shape as input). Its stats have a third row: each row's sum
   // of weighted smoothed targets. compute_grad: the input's gradient, as cross_entropy_forward.
   m.def(

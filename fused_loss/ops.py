@@ -138,6 +138,12 @@ def _(input, target, weight, reduction, ignore_index, label_smoothing, softcap=N
     return input.new_empty((), dtype=acc_dtype(input.dtype)), _row_stats_fake(input, 5 if return_stats else 2)
 
 
+@register_fake("fused_loss::cross_entropy_backward_into")
+def _(grad_input, grad_loss, input, target, weight, stats, reduction, ignore_index, label_smoothing, softcap=None,
+      temperature=1.0, z_loss=0.0):
+    return None
+
+
 @register_fake("fused_loss::cross_entropy_backward")
 def _(grad_loss, input, target, weight, stats, reduction, ignore_index, label_smoothing, softcap=None,
       temperature=1.0, z_loss=0.0):
@@ -163,14 +169,23 @@ def _keep_in_pass_grad(ctx, grad: torch.Tensor):
     ctx.in_pass_grad = grad if grad.numel() > 0 else None
 
 
-def _take_in_pass_grad(ctx, grad_loss):
+def _take_in_pass_grad(ctx, grad_loss, backward_into=None):
     """The forward's in-pass gradient, dropped from ctx either way: returned as it is, once, for
     an upstream gradient of exactly 1 (loss.backward() on 'mean' or 'sum') when the result need
     not be differentiable (no create_graph); else None, and the caller recomputes. So a later
     backward through a retained graph, or any other upstream gradient, never reads or scales a
-    buffer that may have been handed out."""
+    buffer that may have been handed out.
+    backward_into(buffer): where the upstream gradient lives on a device that the host should not
+    wait for (CUDA), the op that checks it there, leaves the buffer as it is for exactly 1 and
+    else recomputes the gradient into it; the buffer is then returned (it is handed out once)."""
     grad, ctx.in_pass_grad = ctx.in_pass_grad, None
-    if grad is not None and grad_loss is not None and not torch.is_grad_enabled() and _is_exactly_one(grad_loss):
+    if grad is None or grad_loss is None or torch.is_grad_enabled():
+        return None
+    if _is_exactly_one(grad_loss):
+        return grad
+    if backward_into is not None and grad_loss.device.type == "cuda" and grad_loss.numel() == 1 \
+            and not torch.compiler.is_compiling():
+        backward_into(grad)
         return grad
     return None
 
@@ -189,10 +204,12 @@ def _ce_setup_context(ctx, inputs, output):
 
 def _ce_backward(ctx, grad_loss, grad_stats, grad_grad):
     none = (None,) * (ctx.n_inputs - 1)
-    in_pass = _take_in_pass_grad(ctx, grad_loss)
     if grad_loss is None:  # no gradient reached the loss (grads are not materialised)
+        ctx.in_pass_grad = None
         return (None, *none)
     input, target, weight, stats = ctx.saved_tensors
+    in_pass = _take_in_pass_grad(ctx, grad_loss, lambda buffer: ops.cross_entropy_backward_into(
+        buffer, grad_loss, input, target, weight, stats, *ctx.args))
     if ctx.needs_input_grad[2]:
         raise NotImplementedError("fused_loss.cross_entropy: the derivative for 'weight' is not implemented "
                                   "for class-index targets (as in torch)")

@@ -42,6 +42,11 @@ if [ "$STAGE" != bench ]; then
   echo "test_cuda: $(tail -n 1 "$OUT/test_cuda.log")" | tee -a "$OUT/summary.txt"
   "$PY" -m pytest tests -q -p no:cacheprovider --timeout 120 > "$OUT/tests.log" 2>&1
   echo "tests: $(tail -n 1 "$OUT/tests.log")" | tee -a "$OUT/summary.txt"
+  # The comparison tests again, every tensor on the GPU (tests/helpers.py: DEVICE).
+  FUSED_LOSS_TEST_DEVICE=cuda "$PY" -m pytest tests/test_cross_entropy.py tests/test_cross_entropy_options.py \
+    tests/test_edge_cases.py tests/test_elementwise_losses.py tests/test_fuzz.py -q -p no:cacheprovider \
+    --timeout 120 > "$OUT/tests_on_cuda.log" 2>&1
+  echo "tests on cuda: $(tail -n 1 "$OUT/tests_on_cuda.log")" | tee -a "$OUT/summary.txt"
 fi
 [ "$STAGE" = test ] && { cat "$OUT/summary.txt"; exit 0; }
 # The issue's targets: cross-entropy bf16 8192 x 128256; BCE and smooth L1 on 2^28 elements;

@@ -1,5 +1,15 @@
 """Comparison helpers for the loss tests."""
+import os
+
 import torch
+
+# Where the comparisons run, fused_loss and torch alike: FUSED_LOSS_TEST_DEVICE=cuda runs every
+# test built on them on the GPU (scripts/gpu_session.sh does); results come back to the CPU.
+DEVICE = torch.device(os.environ.get("FUSED_LOSS_TEST_DEVICE", "cpu"))
+
+
+def on_device(v):
+    return v.to(DEVICE) if torch.is_tensor(v) else v
 
 # Tolerances against torch's result in the same dtype (float32/float64). For the 16-bit
 # types the rule is instead: error against a float64 reference no more than twice the
@@ -17,11 +27,11 @@ def upstream(shape, dtype):
 def run_with_grads(fn, tensors, **kwargs):
     """fn(*tensors, **kwargs) on fresh leaf copies; returns the output and the gradients of
     the floating-point tensors (None for the others) under `upstream`."""
-    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
-    out = fn(*leaves, **kwargs)
+    leaves = [on_device(t).detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+    out = fn(*leaves, **{k: on_device(v) for k, v in kwargs.items()})
     diff = [t for t in leaves if t.requires_grad]
-    grads = iter(torch.autograd.grad(out, diff, upstream(out.shape, out.dtype)))
-    return out.detach(), [next(grads).detach() if t.requires_grad else None for t in leaves]
+    grads = iter(torch.autograd.grad(out, diff, upstream(out.shape, out.dtype).to(out.device)))
+    return out.detach().cpu(), [next(grads).detach().cpu() if t.requires_grad else None for t in leaves]
 
 
 def assert_close_to_torch(ours, theirs, reference=None, what=""):

@@ -1,11 +1,15 @@
-"""The CUDA kernels (elementwise losses so far): CPU-vs-CUDA agreement of values and gradients,
-bitwise determinism run to run, and a CUDA-graph capture of forward and backward. Skipped unless
+"""The CUDA kernels (cross-entropy and the elementwise losses): CPU-vs-CUDA agreement of values and
+gradients, bitwise determinism run to run, and a CUDA-graph capture of forward and backward. Skipped unless
 a GPU is visible, the CUDA kernels were built, and (until they are verified) FUSED_LOSS_CUDA_UNVERIFIED=1
 (scripts/cuda_check.sh compile-checks them on machines without a GPU)."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import fused_loss
+from fused_loss import reference
 
 HAS_CUDA_KERNELS = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "fused_loss::smooth_l1_loss_forward", "CUDA")
@@ -113,3 +117,197 @@ def test_bad_input_on_cuda_raises():
         fused_loss.smooth_l1_loss(x, torch.randn(4, 6, device="cuda"))
     with pytest.raises(RuntimeError, match="device"):
         torch.ops.fused_loss.smooth_l1_loss_forward(x, torch.randn(4, 5), 1, 1.0, False)
+
+
+# --- cross-entropy ------------------------------------------------------------------------------
+# Shapes that take each layout of the CUDA kernels (csrc/cuda/cross_entropy/row_math.cuh): a thread
+# per row (few classes; (N, C, d) input), a warp per row, a block per row; odd sizes, so that rows
+# start unaligned and end in a tail.
+CE_SHAPES = [(67, 11), (53, 1000), (9, 5003), (2, 33000), (5, 7, 3, 4)]
+
+
+def _ce_case(shape, dtype, seed=0, ignore=True):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 4).to(dtype)
+    n, c = shape[0], shape[1]
+    y = torch.randint(0, c, (n, *shape[2:]), generator=g)
+    if ignore:
+        y.view(-1)[::5] = -100
+    w = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    probs = torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    return x, y, w, probs
+
+
+CE_OPTIONS = {
+    "plain": {},
+    "weight": dict(weight=True),
+    "smoothing": dict(label_smoothing=0.1),
+    "weighted smoothing": dict(weight=True, label_smoothing=0.2),
+    "z_loss": dict(z_loss=1e-3),
+    "softcap, temperature": dict(softcap=5.0, temperature=0.7),
+    "all, with stats": dict(weight=True, label_smoothing=0.1, softcap=3.0, temperature=1.5, z_loss=1e-2,
+                            return_stats=True),
+}
+
+
+def _run_ce(x, y, w, reduction, options, device, probs=None):
+    """Loss (and stats) and the input's (and soft target's) gradient, on `device`, back on the CPU."""
+    kw = dict(options)
+    kw["weight"] = w.to(device) if kw.pop("weight", False) else None
+    xd = x.to(device).requires_grad_()
+    target = y.to(device) if probs is None else probs.to(device).requires_grad_()
+    out = fused_loss.cross_entropy(xd, target, reduction=reduction, **kw)
+    loss, stats = out if kw.get("return_stats") else (out, None)
+    up = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape).to(device)
+    wrt = (xd,) if probs is None else (xd, target)
+    grads = torch.autograd.grad(loss, wrt, up)
+    result = [loss.detach().cpu(), *[g.cpu() for g in grads]]
+    if stats is not None:
+        result += [v.cpu() for v in stats]
+    return result
+
+
+def _assert_all_close(cuda, cpu, rtol, atol):
+    assert len(cuda) == len(cpu)
+    for a, b in zip(cuda, cpu):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", CE_SHAPES, ids=str)
+@pytest.mark.parametrize("option", list(CE_OPTIONS))
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES)
+def test_cross_entropy_cuda_equals_cpu(shape, option, reduction, dtype, rtol, atol):
+    x, y, w, _ = _ce_case(shape, dtype)
+    results = [_run_ce(x, y, w, reduction, CE_OPTIONS[option], device) for device in ("cpu", "cuda")]
+    _assert_all_close(results[1], results[0], rtol, atol)
+
+
+@pytest.mark.parametrize("shape", CE_SHAPES, ids=str)
+@pytest.mark.parametrize("option", [{}, dict(weight=True, label_smoothing=0.15)], ids=["plain", "weight+smoothing"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES)
+def test_cross_entropy_probability_targets_cuda_equals_cpu(shape, option, reduction, dtype, rtol, atol):
+    x, y, w, probs = _ce_case(shape, dtype)
+    results = [_run_ce(x, y, w, reduction, option, device, probs) for device in ("cpu", "cuda")]
+    _assert_all_close(results[1], results[0], rtol, atol)
+
+
+def test_cross_entropy_cuda_edge_rows():
+    """Rows of -inf, +inf, NaN and an offset of 1e4; every target ignored ('mean': NaN); uint8 targets."""
+    x = torch.randn(6, 40, dtype=torch.float64)
+    x[0, :] = float("-inf")
+    x[1, 3] = float("inf")
+    x[2, 5] = float("nan")
+    x[3] += 1e4
+    x[4, :20] = float("-inf")
+    y = torch.tensor([1, 2, 3, 4, 30, 0])
+    for reduction in ("none", "sum"):
+        results = [_run_ce(x, y, None, reduction, {}, device) for device in ("cpu", "cuda")]
+        _assert_all_close(results[1], results[0], 1e-12, 1e-12)
+    all_ignored = torch.full((6,), -100)
+    results = [_run_ce(x[3:], all_ignored[3:], None, "mean", {}, device) for device in ("cpu", "cuda")]
+    _assert_all_close(results[1], results[0], 1e-12, 1e-12)
+    x8, y8 = torch.randn(33, 7), torch.randint(0, 7, (33,), dtype=torch.uint8)
+    results = [_run_ce(x8, y8, None, "sum", {}, device) for device in ("cpu", "cuda")]
+    _assert_all_close(results[1], results[0], 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(64, 50257), (1000, 300)], ids=str)
+def test_cross_entropy_bitwise_deterministic(shape):
+    x, y, w, _ = _ce_case(shape, torch.bfloat16, seed=2)
+    options = dict(weight=True, label_smoothing=0.1, z_loss=1e-3, softcap=10.0)
+    runs = [_run_ce(x, y, w, "mean", options, "cuda") for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_grad_in_place_equals_cpu(dtype):
+    """The in-place forward of linear cross-entropy's chunks: loss in float32, logits overwritten."""
+    x, y, w, _ = _ce_case((37, 3001), dtype)
+    ops = torch.ops.fused_loss
+    results = []
+    for device in ("cpu", "cuda"):
+        xd = x.to(device).clone()
+        loss, stats = ops.cross_entropy_forward_grad_in_place(xd, y.to(device), w.to(device), 1, -100, 0.1, 4.0,
+                                                              1.0, 1e-3, True)
+        results.append([loss.cpu(), stats.cpu(), xd.cpu()])
+    assert results[1][0].dtype == torch.float32
+    _assert_all_close(results[1], results[0], *((1e-5, 1e-6) if dtype == torch.float32 else (1e-2, 1e-2)))
+
+
+@pytest.mark.parametrize("upstream", [1.0, 0.75])
+def test_cross_entropy_backward_into(upstream):
+    """The forward's in-pass gradient is kept for an upstream gradient of exactly 1 (checked on the
+    device) and recomputed otherwise: the same bits as the backward op."""
+    x, y, w, _ = _ce_case((19, 2049), torch.float32)
+    x, y, w = x.cuda(), y.cuda(), w.cuda()
+    ops = torch.ops.fused_loss
+    loss, stats, grad = ops.cross_entropy_forward(x, y, w, 1, -100, 0.1, True)
+    kept = grad.clone()
+    g = torch.tensor(upstream, device="cuda")
+    ops.cross_entropy_backward_into(grad, g, x, y, w, stats, 1, -100, 0.1)
+    want = ops.cross_entropy_backward(g, x, y, w, stats, 1, -100, 0.1)
+    assert torch.equal(grad, want)
+    assert torch.equal(grad, kept) == (upstream == 1.0)
+
+
+def test_cross_entropy_cuda_graph_capture():
+    """Forward and backward of every option capture in a CUDA graph (no host synchronisation)."""
+    x0, y, w, _ = _ce_case((512, 4099), torch.float32, seed=3)
+    x = x0.cuda().requires_grad_()
+    y, w = y.cuda(), w.cuda()
+    options = dict(weight=w, label_smoothing=0.1, z_loss=1e-3, softcap=8.0)
+
+    def step():
+        loss = fused_loss.cross_entropy(x, y, **options)
+        loss.backward()
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    x.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    x_ref = x0.cuda().requires_grad_()
+    ref = reference.cross_entropy_with_options(x_ref, y, w, -100, "mean", 0.1, 8.0, 1.0, 1e-3)
+    ref.backward()
+    torch.testing.assert_close(captured, ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_cross_entropy_compile_reduce_overhead():
+    x = torch.randn(256, 1031, device="cuda", requires_grad=True)
+    y = torch.randint(0, 1031, (256,), device="cuda")
+    fn = torch.compile(lambda x, y: fused_loss.cross_entropy(x, y, label_smoothing=0.1), mode="reduce-overhead")
+    for _ in range(3):
+        loss = fn(x, y)
+        (gx,) = torch.autograd.grad(loss, x)
+    x_ref = x.detach().clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(x_ref, y, label_smoothing=0.1)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gx, torch.autograd.grad(ref, x_ref)[0])
+
+
+def test_cross_entropy_target_out_of_bounds_fails_on_the_device():
+    """A target out of range fails a device assertion that names fused_loss (torch's CUDA behaviour:
+    checked without a host synchronisation); never a read out of bounds. In a subprocess: the
+    assertion leaves the CUDA context unusable."""
+    code = ("import torch, fused_loss\n"
+            "x = torch.randn(4, 10, device='cuda')\n"
+            "loss = fused_loss.cross_entropy(x, torch.tensor([1, 2, 10, 3], device='cuda'))\n"
+            "torch.cuda.synchronize()\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "fused_loss.cross_entropy: a target is out of bounds" in run.stderr + run.stdout

@@ -142,6 +142,25 @@ def test_in_pass_bits_equal_the_backward_recomputation(threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("upstream", [1.0, 0.5, -3.0])
+def test_backward_into_keeps_the_buffer_only_for_an_upstream_of_one(upstream):
+    """cross_entropy_backward_into (the CUDA backward's device-side form of "the upstream gradient
+    is exactly 1"; also registered on the CPU): the forward's buffer is kept for 1, else it gets
+    the backward op's bits. Its errors name fused_loss."""
+    x, t, kw = _case(16, 300, torch.float32, dict(label_smoothing=0.1, weight=True, ignore_index=2))
+    ops = torch.ops.fused_loss
+    _, stats, buffer = ops.cross_entropy_forward(x, t, kw["weight"], 1, 2, 0.1, True, 5.0, 1.0, 1e-3)
+    kept = buffer.clone()
+    g = torch.tensor(upstream)
+    ops.cross_entropy_backward_into(buffer, g, x, t, kw["weight"], stats, 1, 2, 0.1, 5.0, 1.0, 1e-3)
+    assert torch.equal(buffer, ops.cross_entropy_backward(g, x, t, kw["weight"], stats, 1, 2, 0.1, 5.0, 1.0, 1e-3))
+    assert torch.equal(buffer, kept) == (upstream == 1.0)
+    with pytest.raises(RuntimeError, match="fused_loss.cross_entropy_backward_into"):
+        ops.cross_entropy_backward_into(buffer[:, :5], g, x, t, kw["weight"], stats, 1, 2, 0.1)
+    with pytest.raises(RuntimeError, match="fused_loss.cross_entropy_backward_into"):
+        ops.cross_entropy_backward_into(buffer, g, x, t, kw["weight"], stats, 0, 2, 0.1)
+
+
 def _prob_case(rows, classes, spatial=(), seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(rows, classes, *spatial, generator=g, dtype=torch.float64) * 3).to(dtype)

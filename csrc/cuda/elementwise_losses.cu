@@ -15,23 +15,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda_common.cuh"
 #include "fused_loss/broadcast.h"
 #include "fused_loss/common.h"
 #include "fused_loss/elementwise_math.h"
 
 namespace fused_loss::cuda {
 namespace {
-
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename Acc<T>::type;
 
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 1024;  // partial sums per reduction; fixed per element count
@@ -59,17 +49,6 @@ DeviceOperand<T> device_operand(const std::optional<at::Tensor>& opt, const at::
   const BroadcastLayout layout = broadcast_layout(w, input.sizes(), keep);
   return {keep.data_ptr<T>(), layout.repeat, layout.period};
 }
-
-// Vectors of 16 bytes where every pointer allows them.
-template <typename T>
-constexpr int kVec = 16 / sizeof(T);
-
-template <typename T, int N>
-struct alignas(16) Pack {
-  T v[N];
-};
-
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Sum of one value per thread of the block, in a fixed order (shared-memory tree).
 template <typename A>
@@ -170,10 +149,7 @@ struct Inputs {
   bool vectorized() const { return aligned16(x.data_ptr()) && aligned16(y.data_ptr()); }
 };
 
-int blocks_for(int64_t n) {
-  const int64_t per_block = int64_t(kThreads) * 4;
-  return int(std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (n + per_block - 1) / per_block)));
-}
+int blocks_for(int64_t n) { return grid_for(n, kThreads, kMaxBlocks); }
 
 void check_pair(const at::Tensor& input, const at::Tensor& target, const char* name) {
   TORCH_CHECK(input.is_cuda(), "fused_loss.", name, " (CUDA kernel): input must be a CUDA tensor");

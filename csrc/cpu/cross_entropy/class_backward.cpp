@@ -40,8 +40,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   const RowOptions opts = row_options(softcap, temperature, z_loss, false);
   const Reduction red = to_reduction(reduction);
   const Geometry g = geometry(input);
-  TORCH_CHECK(!opts.shaped() || g.inner == 1, "fused_loss.cross_entropy: softcap and temperature are fused for "
-              "(N, C) input; fused_loss.cross_entropy composes them for other shapes");
+  check_options_layout(opts, g);
   const at::Tensor y = class_targets(target, input, g, ignore_index);
   const auto acc = acc_type_of(input);
   const at::Tensor st = check_stats(stats, "stats", 2, g, acc);
@@ -65,6 +64,22 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   return dx;
 }
 
+// On the CPU reading the upstream gradient costs nothing: the buffer is recomputed only when it
+// is not exactly 1.
+void cross_entropy_backward_into_cpu(at::Tensor& grad_input, const at::Tensor& grad_loss, const at::Tensor& input,
+                                     const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                                     const at::Tensor& stats, int64_t reduction, int64_t ignore_index,
+                                     double label_smoothing, std::optional<double> softcap, double temperature,
+                                     double z_loss) {
+  check_input(input);
+  check_backward_into(grad_input, input, reduction);
+  TORCH_CHECK(grad_loss.numel() == 1, "fused_loss.cross_entropy backward: expected a scalar gradient, got shape ",
+              grad_loss.sizes());
+  if (grad_loss.item<double>() == 1.0) return;
+  grad_input.copy_(cross_entropy_backward_cpu(grad_loss, input, target, weight, stats, reduction, ignore_index,
+                                              label_smoothing, softcap, temperature, z_loss));
+}
+
 }  // namespace
 }  // namespace ce
 }  // namespace CPU_CAPABILITY
@@ -72,4 +87,5 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
 
 TORCH_LIBRARY_IMPL(fused_loss, CPU, m) {
   m.impl("cross_entropy_backward", &fused_loss::cpu::ce::cross_entropy_backward_cpu);
+  m.impl("cross_entropy_backward_into", &fused_loss::cpu::ce::cross_entropy_backward_into_cpu);
 }

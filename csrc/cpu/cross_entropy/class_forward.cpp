@@ -111,8 +111,7 @@ std::tuple<at::Tensor, at::Tensor> forward_into(const at::Tensor& x, const at::T
                                                 int64_t ignore_index, double label_smoothing, const RowOptions& opts,
                                                 const at::Tensor& dx, bool acc_loss = false) {
   const Geometry g = geometry(x);
-  TORCH_CHECK(!opts.shaped() || g.inner == 1, "fused_loss.cross_entropy: softcap, temperature and return_stats are "
-              "fused for (N, C) input; fused_loss.cross_entropy composes them for other shapes");
+  check_options_layout(opts, g);
   const at::Tensor y = class_targets(target, x, g, ignore_index);
   const auto acc = acc_type_of(x);
   at::Tensor stats = new_row_stats(opts.stats_parts(), g.rows(), x);
@@ -172,10 +171,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_grad_in_place_cpu(
   check_smoothing(label_smoothing);
   const RowOptions opts = row_options(softcap, temperature, z_loss, return_stats);
   const Reduction red = to_reduction(reduction);
-  TORCH_CHECK(input.dim() == 2 && input.is_contiguous() && red != Reduction::None,
-              "fused_loss.cross_entropy_forward_grad_in_place: expected contiguous (N, C) logits and reduction 'mean' "
-              "or 'sum', got shape ", input.sizes(), (input.is_contiguous() ? "" : " (not contiguous)"),
-              " and reduction ", reduction);
+  check_in_place(input, reduction);
   return forward_into(input, target, weight, red, ignore_index, label_smoothing, opts, input, true);
 }
 

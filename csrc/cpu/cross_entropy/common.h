@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include "fused_loss/common.h"
+#include "fused_loss/cross_entropy_args.h"
 #include "fused_loss/cross_entropy_math.h"
 #include "../output_cache.h"
 #include "../vec_io.h"
@@ -32,6 +33,10 @@
 namespace fused_loss::cpu {
 inline namespace CPU_CAPABILITY {
 namespace ce {
+
+using namespace fused_loss::ce_args;  // Geometry, RowOptions and the argument checks
+
+inline void check_input(const at::Tensor& input) { ce_args::check_input(input, c10::DeviceType::CPU, "CPU"); }
 
 constexpr int64_t kBlock = 4096;        // classes kept in L1 between a block's two passes
 constexpr int64_t kChunk = 8 * kBlock;  // classes per unit of parallel work within a row
@@ -53,36 +58,11 @@ inline int64_t grain_for(int64_t elems_per_task) {
 // ---------------------------------------------------------------------------------
 // Shapes and argument checks
 
-struct Geometry {
-  int64_t outer;    // N
-  int64_t classes;  // C
-  int64_t inner;    // d1 * ... * dk (1 for (N, C))
-  int64_t rows() const { return outer * inner; }
-};
-
-inline Geometry geometry(const at::Tensor& input) {
-  TORCH_CHECK(input.dim() >= 2, "fused_loss.cross_entropy: expected input of shape (N, C) or (N, C, d1, ..., dk), got ",
-              input.sizes());
-  int64_t inner = 1;
-  for (int64_t d = 2; d < input.dim(); ++d) inner *= input.size(d);
-  return {input.size(0), input.size(1), inner};
-}
-
-inline void check_input(const at::Tensor& input) {
-  TORCH_CHECK(input.device().is_cpu(), "fused_loss.cross_entropy (CPU kernel): input must be a CPU tensor");
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "fused_loss.cross_entropy: expected a floating point input, got ", input.scalar_type());
-}
-
 // Class weights as a contiguous vector in the accumulation type (empty when absent).
 template <typename A>
 std::vector<A> class_weights(const std::optional<at::Tensor>& weight, const at::Tensor& input, int64_t classes) {
+  check_class_weight(weight, input, classes);
   if (!weight.has_value() || !weight->defined()) return {};
-  TORCH_CHECK(weight->dim() == 1 && weight->size(0) == classes,
-              "weight tensor should be defined either for all ", classes,
-              " classes or no classes but got weight tensor of shape: ", weight->sizes());
-  TORCH_CHECK(weight->scalar_type() == input.scalar_type(), "expected scalar type ", input.scalar_type(),
-              " but found ", weight->scalar_type(), " for weight");
   auto w = weight->contiguous().to(c10::CppTypeToScalarType<A>::value);
   const A* wp = w.template data_ptr<A>();
   return std::vector<A>(wp, wp + classes);
@@ -91,14 +71,7 @@ std::vector<A> class_weights(const std::optional<at::Tensor>& weight, const at::
 // Class-index targets as contiguous int64, every one checked before any kernel reads
 // through it (a bad target must raise, never index out of bounds).
 inline at::Tensor class_targets(const at::Tensor& target, const at::Tensor& input, const Geometry& g, int64_t ignore_index) {
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte,
-              "expected target dtype to be Long or Byte, but got ", target.scalar_type());
-  TORCH_CHECK_VALUE(target.dim() >= 1 && target.size(0) == g.outer, "Expected input batch_size (", g.outer,
-                    ") to match target batch_size (", target.dim() >= 1 ? target.size(0) : 0, ").");
-  std::vector<int64_t> expected{input.size(0)};
-  for (int64_t d = 2; d < input.dim(); ++d) expected.push_back(input.size(d));
-  TORCH_CHECK(target.sizes() == at::IntArrayRef(expected), "Expected target size ", at::IntArrayRef(expected),
-              ", got ", target.sizes());
+  check_class_target(target, input, g);
   auto y = target.to(at::kLong).contiguous();
   const int64_t* yp = y.data_ptr<int64_t>();
   const int64_t n = y.numel();
@@ -190,29 +163,6 @@ inline at::Tensor new_row_stats(int64_t parts, int64_t rows, const at::Tensor& i
 template <typename A>
 A shift_of(A m) { return std::isfinite(m) ? m : A(0); }
 
-// The LLM options of class-index cross-entropy (see logits.h), checked. They are fused into
-// the row kernels; the Python layer composes them around the kernels for other layouts.
-struct RowOptions {
-  std::optional<double> softcap;
-  double temperature = 1.0;
-  double z_loss = 0.0;
-  bool return_stats = false;  // stats gain entropy, correct (0/1) and z-loss term per row
-
-  bool shaped() const { return softcap.has_value() || temperature != 1.0 || return_stats; }
-  bool any() const { return shaped() || z_loss != 0.0; }
-  int64_t stats_parts() const { return return_stats ? 5 : 2; }
-};
-
-inline RowOptions row_options(std::optional<double> softcap, double temperature, double z_loss, bool return_stats) {
-  TORCH_CHECK(!softcap.has_value() || (std::isfinite(*softcap) && *softcap > 0),
-              "fused_loss.cross_entropy: softcap must be a positive finite number or None, got ", *softcap);
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
-              "fused_loss.cross_entropy: temperature must be a positive finite number, got ", temperature);
-  TORCH_CHECK(std::isfinite(z_loss) && z_loss >= 0,
-              "fused_loss.cross_entropy: z_loss must be a non-negative finite number, got ", z_loss);
-  return {softcap, temperature, z_loss, return_stats};
-}
-
 // ---------------------------------------------------------------------------------
 // Entry-point helpers
 
@@ -278,20 +228,6 @@ inline UpstreamGrad upstream_grad(const at::Tensor& grad_loss, Reduction red, in
     if (red == Reduction::Mean) u.all /= denominator;
   }
   return u;
-}
-
-// stats: `parts` x rows in the accumulation type (the forward's own output). Returns it contiguous.
-inline at::Tensor check_stats(const at::Tensor& s, const char* name, int64_t parts, const Geometry& g,
-                              at::ScalarType acc) {
-  TORCH_CHECK(s.dim() == 2 && s.size(0) == parts && s.size(1) == g.rows() && s.scalar_type() == acc,
-              "fused_loss.cross_entropy backward: ", name, " must be the forward's ", acc, " tensor of shape (",
-              parts, ", ", g.rows(), "), got ", s.scalar_type(), " of shape ", s.sizes());
-  return s.contiguous();
-}
-
-inline void check_smoothing(double label_smoothing) {
-  // NaN passes, as in torch, which then applies no smoothing.
-  TORCH_CHECK(!(label_smoothing > 1.0), "label_smoothing must be between 0.0 and 1.0. Got: ", label_smoothing);
 }
 
 }  // namespace ce

@@ -193,12 +193,6 @@ void prob_backward_impl(const T* x, const T* t, const std::vector<acc_t<T>>& w, 
 // ---------------------------------------------------------------------------------
 // Operator entry points
 
-void check_prob_target(const at::Tensor& input, const at::Tensor& target) {
-  TORCH_CHECK(target.sizes() == input.sizes(), "fused_loss.cross_entropy: probability targets must have the input's shape ",
-              input.sizes(), ", got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == input.scalar_type(), "fused_loss.cross_entropy: probability targets must have the input's dtype ",
-              input.scalar_type(), ", got ", target.scalar_type());
-}
 
 // compute_grad: also return the input's gradient for an upstream gradient of 1, written in the
 // pass that reads the logits ('mean' and 'sum'; otherwise an empty tensor, and the backward

@@ -1,0 +1,298 @@
+// Cross-entropy on CUDA: what a thread does with its share of a row (device code, shared by the
+// class-index and probability-target kernels). The row's formulas are those of
+// csrc/include/fused_loss/cross_entropy_math.h, as on the CPU.
+#pragma once
+
+#include "../cuda_common.cuh"
+#include "fused_loss/cross_entropy_math.h"
+
+namespace fused_loss::cuda::ce {
+
+template <typename A>
+__device__ __forceinline__ A neg_inf() { return -std::numeric_limits<A>::infinity(); }
+
+// The shift of a row's linear sums: its max when finite, else 0 (see cross_entropy_math.h).
+template <typename A>
+__device__ __forceinline__ A shift_of(A m) { return isfinite(m) ? m : A(0); }
+
+// A row's log-sum-exp from its max m and sum s of exp(x - m). A row whose max is not finite
+// (it holds NaN or +inf, or all its logits are -inf) or whose sum is NaN gets a NaN log_sum, as
+// torch's log_softmax gives NaN there (the CPU's row_lse).
+template <typename A>
+__device__ __forceinline__ RowLse<A> row_lse(A m, A s) {
+  if (!isfinite(m) || isnan(s)) return {m, std::numeric_limits<A>::quiet_NaN()};
+  return {m, acc_log(s)};
+}
+
+// The logits a kernel sees: z = softcap * tanh(x / softcap) / temperature (either part
+// optional), or x itself; mapped as they are loaded, never stored.
+template <typename A>
+struct Shape {
+  bool shaped = false;  // any of the two
+  bool capped = false;
+  A inv_cap = 0;     // 1 / softcap
+  A z_per_tanh = 0;  // softcap / temperature
+  A inv_t = 1;       // 1 / temperature
+
+  static Shape make(std::optional<double> softcap, double temperature) {
+    Shape s;
+    s.capped = softcap.has_value();
+    s.shaped = s.capped || temperature != 1.0;
+    s.inv_cap = s.capped ? A(1.0 / *softcap) : A(0);
+    s.z_per_tanh = s.capped ? A(*softcap / temperature) : A(0);
+    s.inv_t = A(1.0 / temperature);
+    return s;
+  }
+  __device__ __forceinline__ A z(A x) const {
+    if (!shaped) return x;
+    return capped ? acc_tanh(x * inv_cap) * z_per_tanh : x * inv_t;
+  }
+  // z and dz/dx = (1 - tanh^2) / temperature.
+  __device__ __forceinline__ A z(A x, A& slope) const {
+    if (!shaped) {
+      slope = A(1);
+      return x;
+    }
+    if (!capped) {
+      slope = inv_t;
+      return x * inv_t;
+    }
+    const A th = acc_tanh(x * inv_cap);
+    slope = (A(1) - th * th) * inv_t;
+    return th * z_per_tanh;
+  }
+};
+
+// One thread's (then, merged, a row's) running sums over logits z_c seen so far, relative to
+// their running max m:
+//   s = sum exp(z - m);  h = sum exp(z - m) (z - m)  (entropy, with stats);
+//   lin = sum u_c (z_c - shift_of(m)), wsum = sum u_c  (with linear terms: u_c = w_c for the
+//   smoothing of class targets, w_c t'_c for probability targets);  raw = max of the raw x.
+// Moving m to a larger M rescales s and h and shifts lin, so one read of the row gives them all.
+template <typename A>
+struct RowAcc {
+  A m, s, h, lin, wsum, raw;
+  bool stats, linear;  // which optional sums are kept (uniform over the grid)
+
+  __device__ __forceinline__ static RowAcc empty(bool stats, bool linear) {
+    return {neg_inf<A>(), A(0), A(0), A(0), A(0), neg_inf<A>(), stats, linear};
+  }
+
+  __device__ __forceinline__ void rescale(A M) {
+    if (M == m) return;  // also two -inf
+    if (s != A(0)) {     // (NaN != 0: NaN propagates)
+      const A d = m - M, e = acc_exp(d);
+      if (stats) h = e * (h + d * s);
+      s *= e;
+    }
+    if (linear) lin += (shift_of(m) - shift_of(M)) * wsum;
+    m = M;
+  }
+
+  // N logits z (raw: the unshaped ones, for the stats' max) with their linear weights u.
+  template <int N>
+  __device__ __forceinline__ void add(const A (&z)[N], const A (&raw_x)[N], const A (&u)[N]) {
+    A mx = m;
+#pragma unroll
+    for (int k = 0; k < N; ++k) mx = z[k] > mx ? z[k] : mx;  // NaN never becomes the max
+    rescale(mx);
+    const A r = shift_of(m);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const A d = z[k] - m, e = acc_exp(d);
+      s += e;
+      if (stats) {
+        h += e * fmax(d, std::numeric_limits<A>::lowest());  // a logit of -inf adds 0, not 0 * -inf
+        raw = raw_x[k] > raw ? raw_x[k] : raw;
+      }
+      if (linear) {
+        lin += u[k] * (z[k] - r);
+        wsum += u[k];
+      }
+    }
+  }
+
+  __device__ __forceinline__ void merge(RowAcc o) {
+    const A M = o.m > m ? o.m : m;
+    rescale(M);
+    o.rescale(M);
+    s += o.s;
+    if (stats) {
+      h += o.h;
+      raw = o.raw > raw ? o.raw : raw;
+    }
+    if (linear) {
+      lin += o.lin;
+      wsum += o.wsum;
+    }
+  }
+
+  __device__ __forceinline__ RowAcc shfl_down(int d) const {
+    constexpr unsigned kAll = 0xffffffffu;
+    return {__shfl_down_sync(kAll, m, d),   __shfl_down_sync(kAll, s, d),    __shfl_down_sync(kAll, h, d),
+            __shfl_down_sync(kAll, lin, d), __shfl_down_sync(kAll, wsum, d), __shfl_down_sync(kAll, raw, d),
+            stats, linear};
+  }
+  __device__ __forceinline__ RowAcc shfl(int lane) const {
+    constexpr unsigned kAll = 0xffffffffu;
+    return {__shfl_sync(kAll, m, lane),   __shfl_sync(kAll, s, lane),    __shfl_sync(kAll, h, lane),
+            __shfl_sync(kAll, lin, lane), __shfl_sync(kAll, wsum, lane), __shfl_sync(kAll, raw, lane),
+            stats, linear};
+  }
+
+  __device__ __forceinline__ RowLse<A> lse() const { return row_lse(m, s); }
+  // entropy of softmax(z) = log_sum - h / s.
+  __device__ __forceinline__ A entropy(const RowLse<A>& l) const { return l.log_sum - h / s; }
+};
+
+// The threads of a group share a row: lane `lane` of `group` threads (a warp or a block).
+struct RowGroup {
+  int lane, size;
+};
+
+// Elements before a row's first 16-byte vector.
+template <typename T>
+__device__ __forceinline__ int64_t first_vector(const T* x, int64_t n) {
+  const int64_t head = misaligned_head(x);
+  return head < n ? head : n;
+}
+
+// Applies f(c, x_c) to the group's share of a row's n elements; fv(c, pack) to whole 16-byte
+// vectors of them where the row allows (between its unaligned head and tail).
+template <typename T, typename F1, typename FV>
+__device__ __forceinline__ void for_row(const T* x, int64_t n, RowGroup g, F1 f1, FV fv) {
+  constexpr int V = kVec<T>;
+  const int64_t head = first_vector(x, n);
+  for (int64_t i = g.lane; i < head; i += g.size) f1(i, x[i]);
+  const int64_t vectors = (n - head) / V;
+  const Pack<T, V>* xv = reinterpret_cast<const Pack<T, V>*>(x + head);
+  for (int64_t v = g.lane; v < vectors; v += g.size) fv(head + v * V, xv[v]);
+  for (int64_t i = head + vectors * V + g.lane; i < n; i += g.size) f1(i, x[i]);
+}
+
+// Applies f1(c, x_c, t_c) to the group's share of two rows of n elements (logits and
+// probability targets), fv(c, x pack, t pack) to whole 16-byte vectors where both rows are
+// aligned alike (else element by element).
+template <typename T, typename F1, typename FV>
+__device__ __forceinline__ void for_row_pair(const T* x, const T* t, int64_t n, RowGroup g, F1 f1, FV fv) {
+  constexpr int V = kVec<T>;
+  if ((reinterpret_cast<uintptr_t>(x) - reinterpret_cast<uintptr_t>(t)) % 16 != 0) {
+    for (int64_t i = g.lane; i < n; i += g.size) f1(i, x[i], t[i]);
+    return;
+  }
+  const int64_t head = first_vector(x, n);
+  for (int64_t i = g.lane; i < head; i += g.size) f1(i, x[i], t[i]);
+  const int64_t vectors = (n - head) / V;
+  const Pack<T, V>* xv = reinterpret_cast<const Pack<T, V>*>(x + head);
+  const Pack<T, V>* tv = reinterpret_cast<const Pack<T, V>*>(t + head);
+  for (int64_t v = g.lane; v < vectors; v += g.size) fv(head + v * V, xv[v], tv[v]);
+  for (int64_t i = head + vectors * V + g.lane; i < n; i += g.size) f1(i, x[i], t[i]);
+}
+
+// dx_c = f(c, x_c) over the group's share of a row (dx may be x: each element is read before
+// it is written, by the same thread). 16-byte vectors where x and dx are aligned alike.
+template <typename T, typename F>
+__device__ __forceinline__ void map_row(const T* x, T* dx, int64_t n, RowGroup g, F f) {
+  using A = acc_t<T>;
+  constexpr int V = kVec<T>;
+  if ((reinterpret_cast<uintptr_t>(x) - reinterpret_cast<uintptr_t>(dx)) % 16 != 0) {
+    for (int64_t i = g.lane; i < n; i += g.size) dx[i] = static_cast<T>(f(i, A(x[i])));
+    return;
+  }
+  const int64_t head = first_vector(x, n);
+  for (int64_t i = g.lane; i < head; i += g.size) dx[i] = static_cast<T>(f(i, A(x[i])));
+  const int64_t vectors = (n - head) / V;
+  const Pack<T, V>* xv = reinterpret_cast<const Pack<T, V>*>(x + head);
+  Pack<T, V>* dv = reinterpret_cast<Pack<T, V>*>(dx + head);
+  for (int64_t v = g.lane; v < vectors; v += g.size) {
+    const Pack<T, V> in = xv[v];
+    Pack<T, V> out;
+#pragma unroll
+    for (int k = 0; k < V; ++k) out.v[k] = static_cast<T>(f(head + v * V + k, A(in.v[k])));
+    dv[v] = out;
+  }
+  for (int64_t i = head + vectors * V + g.lane; i < n; i += g.size) dx[i] = static_cast<T>(f(i, A(x[i])));
+}
+
+// How a row is spread over threads: a whole block per row (long rows), a warp per row, or a
+// thread per row (rows of a few classes, and the K-dimensional layout, whose classes are
+// `inner` apart and whose neighbouring rows are neighbouring in memory).
+enum class Layout { kBlock, kWarp, kThread };
+
+constexpr int kWarpRowMaxClasses = 2048;  // up to here a warp per row, above a block
+constexpr int kThreadRowMaxClasses = 16;  // (N, C) rows this short get a thread each
+constexpr int kRowsThreads = 256;         // block size of the warp and thread layouts
+
+inline Layout layout_for(int64_t classes, int64_t inner) {
+  if (inner > 1 || classes <= kThreadRowMaxClasses) return Layout::kThread;
+  return classes <= kWarpRowMaxClasses ? Layout::kWarp : Layout::kBlock;
+}
+
+// Block size of the block layout: about 64 classes a thread, 128 to 1024 threads.
+inline int block_threads_for(int64_t classes) {
+  int t = 128;
+  while (t < 1024 && int64_t(t) * 64 < classes) t *= 2;
+  return t;
+}
+
+template <Layout L>
+using LayoutTag = std::integral_constant<Layout, L>;
+
+// Launches the kernel of the shape's layout: launch(LayoutTag<L>{}, blocks, threads). The block
+// and warp layouts' kernels take their row with group_row; the thread layout's stride over rows.
+template <typename F>
+void launch_layout(int64_t rows, int64_t classes, int64_t inner, F launch) {
+  if (rows == 0) return;
+  switch (layout_for(classes, inner)) {
+    case Layout::kThread:
+      launch(LayoutTag<Layout::kThread>{}, std::min<int64_t>((rows + kRowsThreads - 1) / kRowsThreads, 65536),
+             kRowsThreads);
+      break;
+    case Layout::kWarp: {
+      const int64_t per_block = kRowsThreads / kWarp;
+      launch(LayoutTag<Layout::kWarp>{}, (rows + per_block - 1) / per_block, kRowsThreads);
+      break;
+    }
+    case Layout::kBlock:
+      TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "fused_loss.cross_entropy: too many rows (", rows,
+                  ") for the CUDA kernel");
+      launch(LayoutTag<Layout::kBlock>{}, rows, block_threads_for(classes));
+      break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The row of this thread's group and its place in it (block and warp layouts); false past the
+// last row (a whole warp: the warp layout has no block barrier).
+template <Layout L>
+__device__ __forceinline__ bool group_row(int64_t rows, RowGroup& g, int64_t& row) {
+  if constexpr (L == Layout::kWarp) {
+    g = {int(threadIdx.x % kWarp), kWarp};
+    row = int64_t(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  } else {
+    g = {int(threadIdx.x), int(blockDim.x)};
+    row = blockIdx.x;
+  }
+  return row < rows;
+}
+
+// A group's reduction of its threads' sums; every thread gets it. Afterwards every thread of the
+// group has read its share of the row, so the row may be overwritten (in place).
+template <Layout L, typename A>
+__device__ __forceinline__ RowAcc<A> group_reduce(RowAcc<A> acc, RowAcc<A>* smem) {
+  if constexpr (L == Layout::kWarp) {
+    acc = warp_allreduce(acc);
+    __syncwarp();
+    return acc;
+  } else {
+    return block_reduce(acc, smem, RowAcc<A>::empty(acc.stats, acc.linear));
+  }
+}
+
+// The thread layout's rows: row (n, j) of (N, C, inner) starts at n * C * inner + j.
+__device__ __forceinline__ int64_t thread_row_offset(int64_t row, int64_t classes, int64_t inner) {
+  const int64_t n = row / inner;
+  return n * classes * inner + (row - n * inner);
+}
+
+}  // namespace fused_loss::cuda::ce

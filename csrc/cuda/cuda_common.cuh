@@ -1,0 +1,104 @@
+// What every CUDA kernel file of fused_loss shares: accumulation types, 16-byte vectors,
+// deterministic reductions and launch helpers.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+namespace fused_loss::cuda {
+
+// float for 16- and 32-bit inputs, double for double (as ATen's opmath type).
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename Acc<T>::type;
+
+constexpr int kWarp = 32;
+
+// Vectors of 16 bytes where every pointer allows them.
+template <typename T>
+constexpr int kVec = 16 / sizeof(T);
+
+template <typename T, int N>
+struct alignas(16) Pack {
+  T v[N];
+};
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Elements of T before the first 16-byte boundary at p (p is aligned to sizeof(T)).
+template <typename T>
+__device__ __forceinline__ int64_t misaligned_head(const T* p) {
+  return int64_t((16 - reinterpret_cast<uintptr_t>(p) % 16) % 16) / int64_t(sizeof(T));
+}
+
+// exp of the accumulation type: the accurate expf (not __expf), as the results must match torch's.
+__device__ __forceinline__ float acc_exp(float v) { return expf(v); }
+__device__ __forceinline__ double acc_exp(double v) { return exp(v); }
+__device__ __forceinline__ float acc_log(float v) { return logf(v); }
+__device__ __forceinline__ double acc_log(double v) { return log(v); }
+__device__ __forceinline__ float acc_tanh(float v) { return tanhf(v); }
+__device__ __forceinline__ double acc_tanh(double v) { return tanh(v); }
+
+// Reductions in a fixed order (shuffle-down trees, then the warps' results in warp order), so
+// that results are bitwise the same run to run. `S` is any value with members
+// `S shfl(int lane) const`, `S shfl_down(int delta) const` and `merge(S)`; `identity` is the
+// empty value.
+template <typename S>
+__device__ __forceinline__ S warp_reduce(S v) {
+#pragma unroll
+  for (int d = kWarp / 2; d > 0; d /= 2) v.merge(v.shfl_down(d));
+  return v;  // complete in lane 0
+}
+
+// Every lane of the warp gets the reduction of all lanes' values.
+template <typename S>
+__device__ __forceinline__ S warp_allreduce(S v) {
+  return warp_reduce(v).shfl(0);
+}
+
+// Every thread of the block gets the reduction of all threads' values. smem: blockDim.x / 32
+// values of S (at most 32). Ends with a barrier, so smem may be reused at once.
+template <typename S>
+__device__ S block_reduce(S v, S* smem, const S& identity) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  v = warp_reduce(v);
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    S w = lane < warps ? smem[lane] : identity;
+    w = warp_reduce(w);
+    if (lane == 0) smem[0] = w;
+  }
+  __syncthreads();
+  const S r = smem[0];
+  __syncthreads();
+  return r;
+}
+
+// A double sum as a reducible value.
+struct DoubleSum {
+  double v;
+  __device__ __forceinline__ DoubleSum shfl(int lane) const { return {__shfl_sync(0xffffffffu, v, lane)}; }
+  __device__ __forceinline__ DoubleSum shfl_down(int d) const { return {__shfl_down_sync(0xffffffffu, v, d)}; }
+  __device__ __forceinline__ void merge(const DoubleSum& o) { v += o.v; }
+};
+
+// Blocks of a grid-stride pass over n items, a function of n only (so the partial sums, and
+// the result, do not depend on the device).
+inline int grid_for(int64_t n, int threads, int max_blocks) {
+  const int64_t per_block = int64_t(threads) * 4;
+  return int(std::max<int64_t>(1, std::min<int64_t>(max_blocks, (n + per_block - 1) / per_block)));
+}
+
+}  // namespace fused_loss::cuda
