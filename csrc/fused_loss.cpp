@@ -66,6 +66,21 @@ TORCH_LIBRARY(fused_loss, m) {
   m.def(
       "binary_cross_entropy_with_logits_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, "
       "Tensor? pos_weight, int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+  // <loss>_backward_into: the forward's in-pass gradient of the input (reductions mean and sum) kept
+  // where the upstream gradient is exactly 1 (read on the device, on CUDA), else overwritten with
+  // the backward's (see cross_entropy_backward_into).
+  m.def(
+      "binary_cross_entropy_with_logits_backward_into(Tensor(a!) grad_input, Tensor grad, Tensor input, "
+      "Tensor target, Tensor? weight, Tensor? pos_weight, int reduction) -> ()");
+  m.def(
+      "smooth_l1_loss_backward_into(Tensor(a!) grad_input, Tensor grad, Tensor input, Tensor target, int reduction, "
+      "float beta) -> ()");
+  m.def(
+      "huber_loss_backward_into(Tensor(a!) grad_input, Tensor grad, Tensor input, Tensor target, Tensor? weight, "
+      "int reduction, float delta) -> ()");
+  m.def(
+      "sigmoid_focal_loss_backward_into(Tensor(a!) grad_input, Tensor grad, Tensor input, Tensor target, "
+      "int reduction, float alpha, float gamma) -> ()");
   m.def(
       "smooth_l1_loss_forward(Tensor input, Tensor target, int reduction, float beta, bool compute_grad) -> "
       "(Tensor loss, Tensor grad)");

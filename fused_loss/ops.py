@@ -341,6 +341,7 @@ def _register_elementwise_autograd(name: str, n_tensors: int):
     last one is compute_grad). A weight that needs a gradient (Huber's; torch refuses it for
     BCE before any op is called) gets all gradients from the composition."""
     backward_op = getattr(ops, f"{name}_backward")
+    backward_into_op = getattr(ops, f"{name}_backward_into")
     loss_fn = getattr(composite, f"{name}_forward")
 
     # Fake kernels: forward (*tensors, reduction, *params, compute_grad); backward
@@ -348,6 +349,7 @@ def _register_elementwise_autograd(name: str, n_tensors: int):
     register_fake(f"fused_loss::{name}_forward",
                   lambda *a: _elementwise_fake_forward(a[0], a[1], a[n_tensors], a[-1]))
     register_fake(f"fused_loss::{name}_backward", lambda *a: _grad_pair_fake(a[1], a[2], a[-2], a[-1]))
+    register_fake(f"fused_loss::{name}_backward_into", lambda *a: None)
 
     def setup_context(ctx, inputs, output):
         _, grad = output
@@ -358,11 +360,12 @@ def _register_elementwise_autograd(name: str, n_tensors: int):
         _keep_in_pass_grad(ctx, grad)
 
     def backward(ctx, grad, grad_grad):
-        in_pass = _take_in_pass_grad(ctx, grad)
         nones = [None] * (len(ctx.needs_input_grad) - 2)
         if grad is None:  # no gradient reached the loss (grads are not materialised)
+            ctx.in_pass_grad = None
             return (None, None, *nones)
         tensors = ctx.saved_tensors
+        in_pass = _take_in_pass_grad(ctx, grad, lambda buffer: backward_into_op(buffer, grad, *tensors, *ctx.options))
         if any(ctx.needs_input_grad[2:n_tensors]):
             grads = composite.vjp(lambda *ts: loss_fn(*ts, *ctx.options), list(tensors),
                                   list(ctx.needs_input_grad[:n_tensors]), grad)

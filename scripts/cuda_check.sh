@@ -55,7 +55,9 @@ expected = ["cross_entropy_forward", "cross_entropy_forward_grad_in_place", "cro
             "cross_entropy_backward_into", "cross_entropy_prob_forward", "cross_entropy_prob_backward",
             "binary_cross_entropy_with_logits_forward", "binary_cross_entropy_with_logits_backward",
             "smooth_l1_loss_forward", "smooth_l1_loss_backward", "huber_loss_forward", "huber_loss_backward",
-            "sigmoid_focal_loss_forward", "sigmoid_focal_loss_backward"]
+            "sigmoid_focal_loss_forward", "sigmoid_focal_loss_backward",
+            "binary_cross_entropy_with_logits_backward_into", "smooth_l1_loss_backward_into",
+            "huber_loss_backward_into", "sigmoid_focal_loss_backward_into"]
 cpu_only = {"cpu_cache_info", "empty_cache", "set_cpu_cache_limits"}
 with_cpu = {op.split("::")[1] for op in torch._C._dispatch_get_all_op_names()
             if op.startswith("fused_loss::") and torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")}

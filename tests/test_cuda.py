@@ -78,6 +78,27 @@ def test_bitwise_deterministic(name):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+@pytest.mark.parametrize("upstream", [1.0, 0.5])
+@pytest.mark.parametrize("name", ["binary_cross_entropy_with_logits", "smooth_l1_loss", "huber_loss",
+                                  "sigmoid_focal_loss"])
+def test_backward_into(name, upstream):
+    """The forward's in-pass gradient is kept for an upstream gradient of exactly 1 (checked on the
+    device) and recomputed otherwise: the bits of the backward op."""
+    x, t, kw = _case(torch.float32)
+    x, t = x.cuda(), t.cuda()
+    extra = {"binary_cross_entropy_with_logits": (kw["w"].cuda(), kw["pw"].cuda(), 1),
+             "smooth_l1_loss": (1, 0.5), "huber_loss": (kw["w_full"].cuda(), 1, 0.7),
+             "sigmoid_focal_loss": (1, 0.25, 2.0)}[name]
+    ops = torch.ops.fused_loss
+    fwd, bwd, into = (getattr(ops, f"{name}_{kind}") for kind in ("forward", "backward", "backward_into"))
+    _, buffer = fwd(x, t, *extra, True)
+    kept = buffer.clone()
+    g = torch.tensor(upstream, device="cuda")
+    into(buffer, g, x, t, *extra)
+    assert torch.equal(buffer, bwd(g, x, t, *extra, True, False)[0])
+    assert torch.equal(buffer, kept) == (upstream == 1.0)
+
+
 def test_cuda_graph_capture_of_forward_and_backward():
     x = torch.randn(4096, 513, device="cuda", requires_grad=True)
     t = torch.rand(4096, 513, device="cuda")

@@ -195,6 +195,27 @@ def test_in_pass_bits_equal_the_backward_recomputation(name, dtype, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("upstream", [1.0, 0.5])
+@pytest.mark.parametrize("name", OPS)
+def test_backward_into_keeps_the_buffer_only_for_an_upstream_of_one(name, upstream):
+    """<loss>_backward_into (the CUDA backward's device-side "the upstream gradient is exactly 1";
+    also registered on the CPU): the forward's buffer is kept for 1, else it gets the backward
+    op's bits. Its errors name fused_loss."""
+    x, y = _data((13, 100), torch.float32, seed=14)
+    fwd, bwd, into = (getattr(ops, f"{name}_{kind}") for kind in ("forward", "backward", "backward_into"))
+    args = _op_args(name, x, y, 1)
+    _, buffer = fwd(*args, True)
+    kept = buffer.clone()
+    g = torch.tensor(upstream)
+    into(buffer, g, *args)
+    assert _same_bits(buffer, bwd(g, *args, True, False)[0])
+    assert torch.equal(buffer, kept) == (upstream == 1.0)
+    with pytest.raises(RuntimeError, match=f"fused_loss.{name}_backward_into"):
+        into(buffer[:, :5], g, *args)
+    with pytest.raises(RuntimeError, match=f"fused_loss.{name}_backward_into"):
+        into(buffer, torch.ones(2), *args)
+
+
 def test_in_pass_bits_do_not_depend_on_the_thread_count():
     x, y = _data((300, 1000), torch.float32, seed=13)
     results, before = [], torch.get_num_threads()

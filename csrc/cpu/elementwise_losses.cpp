@@ -314,6 +314,17 @@ std::tuple<at::Tensor, at::Tensor> backward_entry(const char* name, const Op& op
   });
 }
 
+// The backward into the forward's in-pass gradient: on the CPU reading the upstream gradient costs
+// nothing, and the buffer is recomputed only when it is not exactly 1.
+template <typename Op>
+void backward_into_entry(const char* name, const Op& op, at::Tensor& buffer, const at::Tensor& grad,
+                         const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
+  check_pair(input, target, name);
+  if (grad.item<double>() == 1.0) return;
+  buffer.copy_(std::get<0>(backward_entry(name, op, grad, input, target, weight, pos_weight, reduction, true, false)));
+}
+
 #include "fused_loss/elementwise_entries.h"  // the ops' entry points, over forward_entry/backward_entry
 
 }  // namespace

@@ -124,8 +124,11 @@ template <typename T, typename Op>
 __global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ y, DeviceOperand<T> w,
                                 DeviceOperand<T> pw, int64_t n, bool vectorized, Op op,
                                 const T* __restrict__ grad_elems, const T* __restrict__ grad_scalar,
-                                acc_t<T> grad_scalar_scale, T* __restrict__ dx, T* __restrict__ dy) {
+                                acc_t<T> grad_scalar_scale, T* __restrict__ dx, T* __restrict__ dy,
+                                bool skip_if_one) {
   using A = acc_t<T>;
+  // Into the forward's in-pass gradient (backward_into): it is already right for an upstream of 1.
+  if (skip_if_one && A(grad_scalar[0]) == A(1)) return;
   const A g_all = grad_scalar != nullptr ? A(grad_scalar[0]) * grad_scalar_scale : A(0);
   for_elements<T>(x, y, w, pw, n, vectorized, [&](int64_t i, const ElemArgs<A>& a) {
     const A g = grad_elems != nullptr ? A(grad_elems[i]) : g_all;
@@ -206,18 +209,21 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& input, const a
   return {loss, dx};
 }
 
+// into: the forward's in-pass gradient to overwrite unless the upstream gradient is exactly 1
+// (backward_into), or null for a new tensor.
 template <typename T, typename Op>
 std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const at::Tensor& input,
                                                  const at::Tensor& target, const std::optional<at::Tensor>& weight,
                                                  const std::optional<at::Tensor>& pos_weight, int64_t reduction,
-                                                 bool input_grad, bool target_grad, const Op& op) {
+                                                 bool input_grad, bool target_grad, const Op& op,
+                                                 const at::Tensor* into = nullptr) {
   using A = acc_t<T>;
   const Reduction red = to_reduction(reduction);
   const Inputs<T> in(input, target, weight, pos_weight);
   const at::Tensor &x = in.x, &y = in.y;
   const DeviceOperand<T> &w = in.w, &pw = in.pw;
   const int64_t n = x.numel();
-  at::Tensor dx = input_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor dx = into != nullptr ? *into : input_grad ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor dy = target_grad ? at::empty_like(y) : at::empty({0}, y.options());
   if ((!input_grad && !target_grad) || n == 0) return {dx, dy};
   TORCH_CHECK(grad.device() == x.device(), "fused_loss: expected the gradient on ", x.device(), ", got ",
@@ -236,7 +242,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
   backward_kernel<T, Op><<<blocks_for(n), kThreads, 0, stream>>>(
       x.data_ptr<T>(), y.data_ptr<T>(), w, pw, n, vec, op, per_element ? g.data_ptr<T>() : nullptr,
       per_element ? nullptr : g.data_ptr<T>(), A(red == Reduction::Mean ? 1.0 / double(n) : 1.0),
-      input_grad ? dx.data_ptr<T>() : nullptr, target_grad ? dy.data_ptr<T>() : nullptr);
+      input_grad ? dx.data_ptr<T>() : nullptr, target_grad ? dy.data_ptr<T>() : nullptr,
+      into != nullptr && !per_element);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dx, dy};
 }
@@ -263,6 +270,17 @@ std::tuple<at::Tensor, at::Tensor> backward_entry(const char* name, const Op& op
   const c10::cuda::CUDAGuard guard(input.device());
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_elementwise", [&] {
     return backward_impl<scalar_t>(grad, input, target, weight, pos_weight, reduction, input_grad, target_grad, op);
+  });
+}
+
+template <typename Op>
+void backward_into_entry(const char* name, const Op& op, at::Tensor& buffer, const at::Tensor& grad,
+                         const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                         const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
+  check_pair(input, target, name);
+  const c10::cuda::CUDAGuard guard(input.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_elementwise", [&] {
+    backward_impl<scalar_t>(grad, input, target, weight, pos_weight, reduction, true, false, op, &buffer);
   });
 }
 

@@ -1,6 +1,7 @@
 // The entry points of the elementwise losses' ops, shared by the CPU and CUDA files: each file
-// defines forward_entry and backward_entry (its kernels) and then includes this header inside its
-// own (anonymous) namespace, and registers the ops with FUSED_LOSS_REGISTER_ELEMENTWISE(m).
+// defines forward_entry, backward_entry and backward_into_entry (its kernels) and then includes
+// this header inside its own (anonymous) namespace, and registers the ops with
+// FUSED_LOSS_REGISTER_ELEMENTWISE(m).
 // No include guard: it is meant to be included once per backend.
 
 using Tensor = at::Tensor;
@@ -18,6 +19,20 @@ Huber huber(double delta) {
   return {delta};
 }
 
+// <loss>_backward_into's buffer: the forward's in-pass gradient of the input (contiguous, the
+// input's shape, dtype and device), for reductions 'mean' and 'sum' and a scalar upstream gradient.
+void check_backward_into(const char* name, const Tensor& buffer, const Tensor& grad, const Tensor& input,
+                         int64_t red) {
+  TORCH_CHECK(red != 0 && buffer.is_contiguous() && buffer.sizes() == input.sizes() &&
+                  buffer.scalar_type() == input.scalar_type() && buffer.device() == input.device(),
+              "fused_loss.", name, "_backward_into: expected the forward's gradient (contiguous, of the input's "
+              "shape, dtype and device) and reduction 'mean' or 'sum', got ", buffer.scalar_type(), " of shape ",
+              buffer.sizes(), " on ", buffer.device(), " and reduction ", red);
+  TORCH_CHECK(grad.numel() == 1 && grad.device() == input.device(), "fused_loss.", name,
+              "_backward_into: expected a scalar upstream gradient on ", input.device(), ", got shape ",
+              grad.sizes(), " on ", grad.device());
+}
+
 // ---------------------------------------------------------------------------------
 // Operator entry points
 
@@ -31,12 +46,22 @@ TensorPair bce_backward(const Tensor& g, const Tensor& x, const Tensor& y, const
                         int64_t red, bool dx, bool dy) {
   return backward_entry(kBce, BceWithLogits{pw.has_value()}, g, x, y, w, pw, red, dx, dy);
 }
+void bce_backward_into(Tensor& buffer, const Tensor& g, const Tensor& x, const Tensor& y, const OptTensor& w,
+                       const OptTensor& pw, int64_t red) {
+  check_backward_into(kBce, buffer, g, x, red);
+  backward_into_entry(kBce, BceWithLogits{pw.has_value()}, buffer, g, x, y, w, pw, red);
+}
 TensorPair smooth_l1_forward(const Tensor& x, const Tensor& y, int64_t red, double beta, bool grad) {
   return forward_entry("smooth_l1_loss", smooth_l1(beta), x, y, kNone, kNone, red, grad);
 }
 TensorPair smooth_l1_backward(const Tensor& g, const Tensor& x, const Tensor& y, int64_t red, double beta, bool dx,
                               bool dy) {
   return backward_entry("smooth_l1_loss", smooth_l1(beta), g, x, y, kNone, kNone, red, dx, dy);
+}
+void smooth_l1_backward_into(Tensor& buffer, const Tensor& g, const Tensor& x, const Tensor& y, int64_t red,
+                             double beta) {
+  check_backward_into("smooth_l1_loss", buffer, g, x, red);
+  backward_into_entry("smooth_l1_loss", smooth_l1(beta), buffer, g, x, y, kNone, kNone, red);
 }
 TensorPair huber_forward(const Tensor& x, const Tensor& y, const OptTensor& w, int64_t red, double delta, bool grad) {
   return forward_entry("huber_loss", huber(delta), x, y, w, kNone, red, grad);
@@ -45,12 +70,23 @@ TensorPair huber_backward(const Tensor& g, const Tensor& x, const Tensor& y, con
                           double delta, bool dx, bool dy) {
   return backward_entry("huber_loss", huber(delta), g, x, y, w, kNone, red, dx, dy);
 }
+void huber_backward_into(Tensor& buffer, const Tensor& g, const Tensor& x, const Tensor& y, const OptTensor& w,
+                         int64_t red, double delta) {
+  check_backward_into("huber_loss", buffer, g, x, red);
+  backward_into_entry("huber_loss", huber(delta), buffer, g, x, y, w, kNone, red);
+}
 TensorPair focal_forward(const Tensor& x, const Tensor& y, int64_t red, double alpha, double gamma, bool grad) {
   return forward_entry("sigmoid_focal_loss", SigmoidFocal{alpha, gamma}, x, y, kNone, kNone, red, grad);
 }
 TensorPair focal_backward(const Tensor& g, const Tensor& x, const Tensor& y, int64_t red, double alpha, double gamma,
                           bool dx, bool dy) {
   return backward_entry("sigmoid_focal_loss", SigmoidFocal{alpha, gamma}, g, x, y, kNone, kNone, red, dx, dy);
+}
+
+void focal_backward_into(Tensor& buffer, const Tensor& g, const Tensor& x, const Tensor& y, int64_t red, double alpha,
+                         double gamma) {
+  check_backward_into("sigmoid_focal_loss", buffer, g, x, red);
+  backward_into_entry("sigmoid_focal_loss", SigmoidFocal{alpha, gamma}, buffer, g, x, y, kNone, kNone, red);
 }
 
 #define FUSED_LOSS_REGISTER_ELEMENTWISE(m)                                    \
@@ -63,4 +99,8 @@ TensorPair focal_backward(const Tensor& g, const Tensor& x, const Tensor& y, int
     m.impl("huber_loss_backward", &huber_backward);                           \
     m.impl("sigmoid_focal_loss_forward", &focal_forward);                     \
     m.impl("sigmoid_focal_loss_backward", &focal_backward);                   \
+    m.impl("binary_cross_entropy_with_logits_backward_into", &bce_backward_into); \
+    m.impl("smooth_l1_loss_backward_into", &smooth_l1_backward_into);         \
+    m.impl("huber_loss_backward_into", &huber_backward_into);                 \
+    m.impl("sigmoid_focal_loss_backward_into", &focal_backward_into);         \
   } while (0)
