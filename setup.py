@@ -72,7 +72,9 @@ def sanitize_flags() -> list:
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 # nvcc: warnings in our device code are errors (-Werror all-warnings would also fail on torch's own
 # headers' warnings, which we cannot fix; cross-execution-space calls are the class that matters).
-NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
+# --fmad=false: no contraction into FMAs, as the CPU build (-ffp-contract=off), so that a forward's
+# in-pass gradient and the backward's have the same bits, on every architecture.
+NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "--fmad=false",
               "-Werror", "cross-execution-space-call,reorder,default-stream-launch",
               "-Xcudafe", "--diag_error=20011"]
 

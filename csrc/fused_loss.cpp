@@ -55,6 +55,10 @@ TORCH_LIBRARY(fused_loss, m) {
   m.def(
       "cross_entropy_prob_backward(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor stats, "
       "int reduction, float label_smoothing, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+  // The input's gradient into the forward's in-pass gradient, as cross_entropy_backward_into.
+  m.def(
+      "cross_entropy_prob_backward_into(Tensor(a!) grad_input, Tensor grad_loss, Tensor input, Tensor target, "
+      "Tensor? weight, Tensor stats, int reduction, float label_smoothing) -> ()");
 
   // Elementwise losses. Forward returns the loss (per element for reduction 0, else a
   // scalar) and, when compute_grad is set and the reduction is 1 or 2, the input's gradient for

@@ -253,6 +253,11 @@ def _(input, target, weight, reduction, label_smoothing, compute_grad=False):
     return loss, _row_stats_fake(input, 3), _in_pass_grad_fake(input, compute_grad, reduction)
 
 
+@register_fake("fused_loss::cross_entropy_prob_backward_into")
+def _(grad_input, grad_loss, input, target, weight, stats, reduction, label_smoothing):
+    return None
+
+
 @register_fake("fused_loss::cross_entropy_prob_backward")
 def _(grad_loss, input, target, weight, stats, reduction, label_smoothing, input_grad, target_grad):
     _check_input(input)
@@ -271,11 +276,13 @@ def _ce_prob_setup_context(ctx, inputs, output):
 
 
 def _ce_prob_backward(ctx, grad_loss, grad_stats, grad_grad):
-    in_pass = _take_in_pass_grad(ctx, grad_loss)
     none = (None,) * (ctx.n_inputs - 3)
     if grad_loss is None:  # no gradient reached the loss (grads are not materialised)
+        ctx.in_pass_grad = None
         return (None, None, None, *none)
     input, target, weight, stats = ctx.saved_tensors
+    in_pass = _take_in_pass_grad(ctx, grad_loss, lambda buffer: ops.cross_entropy_prob_backward_into(
+        buffer, grad_loss, input, target, weight, stats, *ctx.args))
     need_input, need_target, need_weight = ctx.needs_input_grad[:3]
     if need_weight:
         # Rare (torch differentiates the weight of probability targets; we follow): the

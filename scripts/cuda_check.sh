@@ -53,6 +53,7 @@ from fused_loss import _C
 # cross-entropy's ops are Python, over these).
 expected = ["cross_entropy_forward", "cross_entropy_forward_grad_in_place", "cross_entropy_backward",
             "cross_entropy_backward_into", "cross_entropy_prob_forward", "cross_entropy_prob_backward",
+            "cross_entropy_prob_backward_into",
             "binary_cross_entropy_with_logits_forward", "binary_cross_entropy_with_logits_backward",
             "smooth_l1_loss_forward", "smooth_l1_loss_backward", "huber_loss_forward", "huber_loss_backward",
             "sigmoid_focal_loss_forward", "sigmoid_focal_loss_backward",

@@ -275,6 +275,20 @@ def test_cross_entropy_backward_into(upstream):
     assert torch.equal(grad, kept) == (upstream == 1.0)
 
 
+@pytest.mark.parametrize("upstream", [1.0, 0.75])
+def test_cross_entropy_probability_targets_backward_into(upstream):
+    x, _, w, probs = _ce_case((21, 1500), torch.float32)
+    x, w, probs = x.cuda(), w.cuda(), probs.cuda()
+    ops = torch.ops.fused_loss
+    _, stats, grad = ops.cross_entropy_prob_forward(x, probs, w, 1, 0.1, True)
+    kept = grad.clone()
+    g = torch.tensor(upstream, device="cuda")
+    ops.cross_entropy_prob_backward_into(grad, g, x, probs, w, stats, 1, 0.1)
+    want = ops.cross_entropy_prob_backward(g, x, probs, w, stats, 1, 0.1, True, False)[0]
+    assert torch.equal(grad, want)
+    assert torch.equal(grad, kept) == (upstream == 1.0)
+
+
 def test_cross_entropy_cuda_graph_capture():
     """Forward and backward of every option capture in a CUDA graph (no host synchronisation)."""
     x0, y, w, _ = _ce_case((512, 4099), torch.float32, seed=3)

@@ -155,10 +155,26 @@ def test_backward_into_keeps_the_buffer_only_for_an_upstream_of_one(upstream):
     ops.cross_entropy_backward_into(buffer, g, x, t, kw["weight"], stats, 1, 2, 0.1, 5.0, 1.0, 1e-3)
     assert torch.equal(buffer, ops.cross_entropy_backward(g, x, t, kw["weight"], stats, 1, 2, 0.1, 5.0, 1.0, 1e-3))
     assert torch.equal(buffer, kept) == (upstream == 1.0)
-    with pytest.raises(RuntimeError, match="fused_loss.cross_entropy_backward_into"):
+    with pytest.raises(RuntimeError, match="fused_loss.cross_entropy backward_into"):
         ops.cross_entropy_backward_into(buffer[:, :5], g, x, t, kw["weight"], stats, 1, 2, 0.1)
-    with pytest.raises(RuntimeError, match="fused_loss.cross_entropy_backward_into"):
+    with pytest.raises(RuntimeError, match="fused_loss.cross_entropy backward_into"):
         ops.cross_entropy_backward_into(buffer, g, x, t, kw["weight"], stats, 0, 2, 0.1)
+
+
+@pytest.mark.parametrize("upstream", [1.0, 0.5])
+def test_probability_targets_backward_into(upstream):
+    """cross_entropy_prob_backward_into, as cross_entropy_backward_into (also on the CPU)."""
+    x, t = _prob_case(12, 400)
+    w = torch.rand(400, dtype=torch.float32) + 0.5
+    ops = torch.ops.fused_loss
+    _, stats, buffer = ops.cross_entropy_prob_forward(x, t, w, 1, 0.1, True)
+    kept = buffer.clone()
+    g = torch.tensor(upstream)
+    ops.cross_entropy_prob_backward_into(buffer, g, x, t, w, stats, 1, 0.1)
+    assert torch.equal(buffer, ops.cross_entropy_prob_backward(g, x, t, w, stats, 1, 0.1, True, False)[0])
+    assert torch.equal(buffer, kept) == (upstream == 1.0)
+    with pytest.raises(RuntimeError, match="fused_loss.cross_entropy backward_into"):
+        ops.cross_entropy_prob_backward_into(buffer, g, x, t, w, stats, 0, 0.1)
 
 
 def _prob_case(rows, classes, spatial=(), seed=0, dtype=torch.float32):

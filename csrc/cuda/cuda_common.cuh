@@ -42,29 +42,21 @@ __device__ __forceinline__ int64_t misaligned_head(const T* p) {
   return int64_t((16 - reinterpret_cast<uintptr_t>(p) % 16) % 16) / int64_t(sizeof(T));
 }
 
-// exp of the accumulation type: the accurate expf (not __expf), as the results must match torch's.
-__device__ __forceinline__ float acc_exp(float v) { return expf(v); }
-__device__ __forceinline__ double acc_exp(double v) { return exp(v); }
-__device__ __forceinline__ float acc_log(float v) { return logf(v); }
-__device__ __forceinline__ double acc_log(double v) { return log(v); }
-__device__ __forceinline__ float acc_tanh(float v) { return tanhf(v); }
-__device__ __forceinline__ double acc_tanh(double v) { return tanh(v); }
-
 // Reductions in a fixed order (shuffle-down trees, then the warps' results in warp order), so
 // that results are bitwise the same run to run. `S` is any value with members
-// `S shfl(int lane) const`, `S shfl_down(int delta) const` and `merge(S)`; `identity` is the
-// empty value.
+// `merge(S)` and the free functions `S shfl(const S&, int lane)` and
+// `S shfl_down(const S&, int delta)`; `identity` is the empty value.
 template <typename S>
 __device__ __forceinline__ S warp_reduce(S v) {
 #pragma unroll
-  for (int d = kWarp / 2; d > 0; d /= 2) v.merge(v.shfl_down(d));
+  for (int d = kWarp / 2; d > 0; d /= 2) v.merge(shfl_down(v, d));
   return v;  // complete in lane 0
 }
 
 // Every lane of the warp gets the reduction of all lanes' values.
 template <typename S>
 __device__ __forceinline__ S warp_allreduce(S v) {
-  return warp_reduce(v).shfl(0);
+  return shfl(warp_reduce(v), 0);
 }
 
 // Every thread of the block gets the reduction of all threads' values. smem: blockDim.x / 32
@@ -89,10 +81,12 @@ __device__ S block_reduce(S v, S* smem, const S& identity) {
 // A double sum as a reducible value.
 struct DoubleSum {
   double v;
-  __device__ __forceinline__ DoubleSum shfl(int lane) const { return {__shfl_sync(0xffffffffu, v, lane)}; }
-  __device__ __forceinline__ DoubleSum shfl_down(int d) const { return {__shfl_down_sync(0xffffffffu, v, d)}; }
   __device__ __forceinline__ void merge(const DoubleSum& o) { v += o.v; }
 };
+__device__ __forceinline__ DoubleSum shfl(const DoubleSum& a, int lane) { return {__shfl_sync(0xffffffffu, a.v, lane)}; }
+__device__ __forceinline__ DoubleSum shfl_down(const DoubleSum& a, int d) {
+  return {__shfl_down_sync(0xffffffffu, a.v, d)};
+}
 
 // Blocks of a grid-stride pass over n items, a function of n only (so the partial sums, and
 // the result, do not depend on the device).

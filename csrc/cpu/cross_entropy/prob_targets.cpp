@@ -261,6 +261,21 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_backward_cpu(
   return {dx, dt};
 }
 
+// On the CPU the upstream gradient is read on the host: the buffer is recomputed only when it is
+// not exactly 1.
+void cross_entropy_prob_backward_into_cpu(at::Tensor& grad_input, const at::Tensor& grad_loss,
+                                          const at::Tensor& input, const at::Tensor& target,
+                                          const std::optional<at::Tensor>& weight, const at::Tensor& stats,
+                                          int64_t reduction, double label_smoothing) {
+  check_input(input);
+  check_backward_into(grad_input, input, reduction);
+  TORCH_CHECK(grad_loss.numel() == 1, "fused_loss.cross_entropy backward: expected a scalar gradient, got shape ",
+              grad_loss.sizes());
+  if (grad_loss.item<double>() == 1.0) return;
+  grad_input.copy_(std::get<0>(cross_entropy_prob_backward_cpu(grad_loss, input, target, weight, stats, reduction,
+                                                               label_smoothing, true, false)));
+}
+
 }  // namespace
 }  // namespace ce
 }  // namespace CPU_CAPABILITY
@@ -270,4 +285,5 @@ TORCH_LIBRARY_IMPL(fused_loss, CPU, m) {
   using namespace fused_loss::cpu::ce;
   m.impl("cross_entropy_prob_forward", &cross_entropy_prob_forward_cpu);
   m.impl("cross_entropy_prob_backward", &cross_entropy_prob_backward_cpu);
+  m.impl("cross_entropy_prob_backward_into", &cross_entropy_prob_backward_into_cpu);
 }

@@ -54,7 +54,7 @@ __global__ void class_targets_kernel(const int64_t* __restrict__ y, int64_t n, i
 // forward's in-pass gradient is for an upstream gradient of 1).
 template <typename A>
 __global__ void class_scalars_kernel(const double* __restrict__ partials, int count, const A* __restrict__ w,
-                                     int64_t classes, bool mean, const A* __restrict__ upstream,
+                                     int64_t classes, bool mean, const double* __restrict__ upstream,
                                      double* __restrict__ out) {
   __shared__ DoubleSum smem[kTargetThreads / kWarp];
   double d = 0;
@@ -70,11 +70,11 @@ __global__ void class_scalars_kernel(const double* __restrict__ partials, int co
     // 'mean' divides by the summed weight of the counted targets; a zero total gives NaN, loss
     // and gradients, as torch's nll_loss (0 / 0).
     const double den = d == 0 ? std::numeric_limits<double>::quiet_NaN() : d;
-    const double g = upstream != nullptr ? double(upstream[0]) : 1.0;
+    const double g = upstream != nullptr ? upstream[0] : 1.0;
     out[kDenominator] = mean ? den : 1.0;
     out[kWSum] = ws;
     out[kUpstream] = mean ? g / den : g;
-    out[kSkip] = upstream != nullptr && upstream[0] == A(1) ? 1.0 : 0.0;
+    out[kSkip] = upstream != nullptr && upstream[0] == 1.0 ? 1.0 : 0.0;
   }
 }
 
@@ -192,7 +192,7 @@ struct AddTo {
 
 // Block and warp layouts: a group of threads per (N, C) row.
 template <typename T, Layout L, bool kBackward>
-__global__ void class_rows_kernel(ClassArgs<T> a) {
+__global__ void __launch_bounds__(max_threads(L)) class_rows_kernel(ClassArgs<T> a) {
   using A = acc_t<T>;
   __shared__ RowAcc<A> smem[32];
   if (kBackward && a.skip_if_one && a.scalars[kSkip] != 0.0) return;
@@ -281,7 +281,7 @@ struct ClassCall {
   at::Tensor x, y, w, scalars;
 };
 
-// upstream: the backward's scalar upstream gradient in the acc type ('mean'/'sum'), or undefined.
+// upstream: the backward's scalar upstream gradient as a double ('mean'/'sum'), or undefined.
 ClassCall prepare(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                   Reduction red, int64_t ignore_index, const at::Tensor& upstream) {
   ClassCall c;
@@ -308,7 +308,7 @@ ClassCall prepare(const at::Tensor& input, const at::Tensor& target, const std::
     }
     class_scalars_kernel<scalar_t><<<1, kTargetThreads, 0, stream>>>(
         partials.data_ptr<double>(), blocks, wp, c.g.classes, red == Reduction::Mean,
-        upstream.defined() ? upstream.data_ptr<scalar_t>() : nullptr, c.scalars.data_ptr<double>());
+        upstream.defined() ? upstream.data_ptr<double>() : nullptr, c.scalars.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return c;
@@ -412,7 +412,7 @@ void backward_into(const at::Tensor& dx, const at::Tensor& grad_loss, const at::
   } else {
     TORCH_CHECK(grad_loss.numel() == 1, "fused_loss.cross_entropy backward: expected a scalar gradient, got shape ",
                 grad_loss.sizes());
-    upstream = grad_loss.reshape({1}).to(acc).contiguous();
+    upstream = grad_loss.reshape({1}).to(at::kDouble).contiguous();  // as the CPU's item<double>()
   }
   const ClassCall c = prepare(input, target, weight, red, ignore_index, upstream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_backward", [&] {

@@ -36,14 +36,17 @@ struct ProbArgs {
   A* loss_rows;         // forward
   A* row_stats;         // forward: written (3 x rows); backward: read
   const A* grad_rows;   // backward 'none': each row's upstream gradient
-  const A* grad_scalar; // backward 'mean'/'sum': the upstream gradient (device), else null (forward: 1)
+  const double* grad_scalar;  // backward 'mean'/'sum': the upstream gradient (device), else null (forward: 1)
   double denominator;   // of 'mean' (else 1)
+  bool skip_if_one;     // backward into the forward's buffer: nothing to do for an upstream of exactly 1
+
+  __device__ __forceinline__ bool skip() const { return skip_if_one && grad_scalar[0] == 1.0; }
 
   __device__ __forceinline__ A weight(int64_t c) const { return w != nullptr ? w[c] : A(1); }
   __device__ __forceinline__ A smoothed(A t_c) const { return ce_smoothed_target(t_c, ome, eps_over_c); }
   __device__ __forceinline__ A upstream(int64_t row) const {
     if (grad_rows != nullptr) return grad_rows[row];
-    return A((grad_scalar != nullptr ? double(grad_scalar[0]) : 1.0) / denominator);
+    return A((grad_scalar != nullptr ? grad_scalar[0] : 1.0) / denominator);
   }
 };
 
@@ -105,9 +108,10 @@ __device__ __forceinline__ void finish_prob_row(const ProbArgs<T>& a, int64_t ro
 }
 
 template <typename T, Layout L, bool kBackward>
-__global__ void prob_rows_kernel(ProbArgs<T> a) {
+__global__ void __launch_bounds__(max_threads(L)) prob_rows_kernel(ProbArgs<T> a) {
   using A = acc_t<T>;
   __shared__ RowAcc<A> smem[32];
+  if (kBackward && a.skip()) return;
   RowGroup g;
   int64_t row;
   if (!group_row<L>(a.rows, g, row)) return;
@@ -130,6 +134,7 @@ __global__ void prob_rows_kernel(ProbArgs<T> a) {
 template <typename T, bool kBackward>
 __global__ void prob_thread_rows_kernel(ProbArgs<T> a) {
   using A = acc_t<T>;
+  if (kBackward && a.skip()) return;
   const int64_t C = a.classes, inner = a.inner;
   for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < a.rows;
        row += int64_t(gridDim.x) * blockDim.x) {
@@ -224,23 +229,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_cuda(
   return {reduce_rows(rows, red, nullptr, denominator, row_shape(input), input.scalar_type(), false), stats, dx};
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_backward_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t reduction, double label_smoothing,
-    bool input_grad, bool target_grad) {
-  check_input(input, c10::DeviceType::CUDA, "CUDA");
+// The backward into dx and dt (each undefined when not asked for); into_buffer: dx is the
+// forward's in-pass gradient, left as it is where the upstream gradient is exactly 1.
+void backward_into(const at::Tensor& dx, const at::Tensor& dt, const at::Tensor& grad_loss, const at::Tensor& input,
+                   const at::Tensor& target, const std::optional<at::Tensor>& weight, const at::Tensor& stats,
+                   int64_t reduction, double label_smoothing, bool into_buffer) {
   check_smoothing(label_smoothing);
   check_prob_target(input, target);
   const Reduction red = to_reduction(reduction);
   const Geometry g = geometry(input);
-  const c10::cuda::CUDAGuard guard(input.device());
   const auto acc = at::toOpMathType(input.scalar_type());
   const at::Tensor st = check_stats(stats, "stats", 3, g, acc);
   check_same_device(st, input, "stats");
   check_same_device(grad_loss, input, "the upstream gradient");
   const at::Tensor x = input.contiguous(), t = target.contiguous(), w = weights_of(weight, input, g.classes);
-  at::Tensor dx = input_grad ? at::empty(input.sizes(), input.options()) : at::empty({0}, input.options());
-  at::Tensor dt = target_grad ? at::empty(target.sizes(), target.options()) : at::empty({0}, target.options());
   at::Tensor grad_rows, grad_scalar;
   if (red == Reduction::None) {
     TORCH_CHECK(grad_loss.numel() == g.rows(), "fused_loss.cross_entropy backward: expected a gradient with ",
@@ -249,20 +251,42 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_backward_cuda(
   } else {
     TORCH_CHECK(grad_loss.numel() == 1, "fused_loss.cross_entropy backward: expected a scalar gradient, got shape ",
                 grad_loss.sizes());
-    grad_scalar = grad_loss.reshape({1}).to(acc).contiguous();
+    grad_scalar = grad_loss.reshape({1}).to(at::kDouble).contiguous();  // as the CPU's item<double>()
   }
-  if ((!input_grad && !target_grad) || input.numel() == 0) return {dx, dt};
+  if ((!dx.defined() && !dt.defined()) || input.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_prob_backward", [&] {
     using A = acc_t<scalar_t>;
     ProbArgs<scalar_t> a = make_args<scalar_t>(x, t, w, g, label_smoothing, red);
-    a.dx = input_grad ? dx.data_ptr<scalar_t>() : nullptr;
-    a.dt = target_grad ? dt.data_ptr<scalar_t>() : nullptr;
+    a.dx = dx.defined() ? dx.data_ptr<scalar_t>() : nullptr;
+    a.dt = dt.defined() ? dt.data_ptr<scalar_t>() : nullptr;
     a.row_stats = st.data_ptr<A>();
     a.grad_rows = grad_rows.defined() ? grad_rows.data_ptr<A>() : nullptr;
-    a.grad_scalar = grad_scalar.defined() ? grad_scalar.data_ptr<A>() : nullptr;
+    a.grad_scalar = grad_scalar.defined() ? grad_scalar.data_ptr<double>() : nullptr;
+    a.skip_if_one = into_buffer && red != Reduction::None;
     launch<scalar_t, true>(a);
   });
-  return {dx, dt};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& stats, int64_t reduction, double label_smoothing,
+    bool input_grad, bool target_grad) {
+  check_input(input, c10::DeviceType::CUDA, "CUDA");
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor dx = input_grad ? at::empty(input.sizes(), input.options()) : at::Tensor();
+  at::Tensor dt = target_grad ? at::empty(target.sizes(), target.options()) : at::Tensor();
+  backward_into(dx, dt, grad_loss, input, target, weight, stats, reduction, label_smoothing, false);
+  return {dx.defined() ? dx : at::empty({0}, input.options()), dt.defined() ? dt : at::empty({0}, target.options())};
+}
+
+void cross_entropy_prob_backward_into_cuda(at::Tensor& grad_input, const at::Tensor& grad_loss,
+                                           const at::Tensor& input, const at::Tensor& target,
+                                           const std::optional<at::Tensor>& weight, const at::Tensor& stats,
+                                           int64_t reduction, double label_smoothing) {
+  check_input(input, c10::DeviceType::CUDA, "CUDA");
+  check_backward_into(grad_input, input, reduction);
+  const c10::cuda::CUDAGuard guard(input.device());
+  backward_into(grad_input, at::Tensor(), grad_loss, input, target, weight, stats, reduction, label_smoothing, true);
 }
 
 }  // namespace
@@ -272,4 +296,5 @@ TORCH_LIBRARY_IMPL(fused_loss, CUDA, m) {
   using namespace fused_loss::cuda::ce;
   m.impl("cross_entropy_prob_forward", &cross_entropy_prob_forward_cuda);
   m.impl("cross_entropy_prob_backward", &cross_entropy_prob_backward_cuda);
+  m.impl("cross_entropy_prob_backward_into", &cross_entropy_prob_backward_into_cuda);
 }

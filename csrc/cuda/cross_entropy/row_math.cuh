@@ -1,28 +1,32 @@
-// Cross-entropy on CUDA: what a thread does with its share of a row (device code, shared by the
-// class-index and probability-target kernels). The row's formulas are those of
-// csrc/include/fused_loss/cross_entropy_math.h, as on the CPU.
+// Cross-entropy on CUDA: how a row is spread over threads and read (device code, shared by the
+// class-index and probability-target kernels). A thread's sums over its share of a row, and their
+// merge: fused_loss/row_sums.h; the row's formulas: fused_loss/cross_entropy_math.h, as on the CPU.
 #pragma once
 
 #include "../cuda_common.cuh"
-#include "fused_loss/cross_entropy_math.h"
+#include "fused_loss/row_sums.h"
+
+namespace fused_loss {
+
+// Moving a row's sums between the lanes of a warp (warp_reduce; beside RowAcc, for lookup).
+template <typename A>
+__device__ __forceinline__ RowAcc<A> shfl_down(const RowAcc<A>& a, int d) {
+  constexpr unsigned kAll = 0xffffffffu;
+  return {__shfl_down_sync(kAll, a.m, d),   __shfl_down_sync(kAll, a.s, d),    __shfl_down_sync(kAll, a.h, d),
+          __shfl_down_sync(kAll, a.lin, d), __shfl_down_sync(kAll, a.wsum, d), __shfl_down_sync(kAll, a.raw, d),
+          a.stats, a.linear};
+}
+template <typename A>
+__device__ __forceinline__ RowAcc<A> shfl(const RowAcc<A>& a, int lane) {
+  constexpr unsigned kAll = 0xffffffffu;
+  return {__shfl_sync(kAll, a.m, lane),   __shfl_sync(kAll, a.s, lane),    __shfl_sync(kAll, a.h, lane),
+          __shfl_sync(kAll, a.lin, lane), __shfl_sync(kAll, a.wsum, lane), __shfl_sync(kAll, a.raw, lane),
+          a.stats, a.linear};
+}
+
+}  // namespace fused_loss
 
 namespace fused_loss::cuda::ce {
-
-template <typename A>
-__device__ __forceinline__ A neg_inf() { return -std::numeric_limits<A>::infinity(); }
-
-// The shift of a row's linear sums: its max when finite, else 0 (see cross_entropy_math.h).
-template <typename A>
-__device__ __forceinline__ A shift_of(A m) { return isfinite(m) ? m : A(0); }
-
-// A row's log-sum-exp from its max m and sum s of exp(x - m). A row whose max is not finite
-// (it holds NaN or +inf, or all its logits are -inf) or whose sum is NaN gets a NaN log_sum, as
-// torch's log_softmax gives NaN there (the CPU's row_lse).
-template <typename A>
-__device__ __forceinline__ RowLse<A> row_lse(A m, A s) {
-  if (!isfinite(m) || isnan(s)) return {m, std::numeric_limits<A>::quiet_NaN()};
-  return {m, acc_log(s)};
-}
 
 // The logits a kernel sees: z = softcap * tanh(x / softcap) / temperature (either part
 // optional), or x itself; mapped as they are loaded, never stored.
@@ -61,88 +65,6 @@ struct Shape {
     slope = (A(1) - th * th) * inv_t;
     return th * z_per_tanh;
   }
-};
-
-// One thread's (then, merged, a row's) running sums over logits z_c seen so far, relative to
-// their running max m:
-//   s = sum exp(z - m);  h = sum exp(z - m) (z - m)  (entropy, with stats);
-//   lin = sum u_c (z_c - shift_of(m)), wsum = sum u_c  (with linear terms: u_c = w_c for the
-//   smoothing of class targets, w_c t'_c for probability targets);  raw = max of the raw x.
-// Moving m to a larger M rescales s and h and shifts lin, so one read of the row gives them all.
-template <typename A>
-struct RowAcc {
-  A m, s, h, lin, wsum, raw;
-  bool stats, linear;  // which optional sums are kept (uniform over the grid)
-
-  __device__ __forceinline__ static RowAcc empty(bool stats, bool linear) {
-    return {neg_inf<A>(), A(0), A(0), A(0), A(0), neg_inf<A>(), stats, linear};
-  }
-
-  __device__ __forceinline__ void rescale(A M) {
-    if (M == m) return;  // also two -inf
-    if (s != A(0)) {     // (NaN != 0: NaN propagates)
-      const A d = m - M, e = acc_exp(d);
-      if (stats) h = e * (h + d * s);
-      s *= e;
-    }
-    if (linear) lin += (shift_of(m) - shift_of(M)) * wsum;
-    m = M;
-  }
-
-  // N logits z (raw: the unshaped ones, for the stats' max) with their linear weights u.
-  template <int N>
-  __device__ __forceinline__ void add(const A (&z)[N], const A (&raw_x)[N], const A (&u)[N]) {
-    A mx = m;
-#pragma unroll
-    for (int k = 0; k < N; ++k) mx = z[k] > mx ? z[k] : mx;  // NaN never becomes the max
-    rescale(mx);
-    const A r = shift_of(m);
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      const A d = z[k] - m, e = acc_exp(d);
-      s += e;
-      if (stats) {
-        h += e * fmax(d, std::numeric_limits<A>::lowest());  // a logit of -inf adds 0, not 0 * -inf
-        raw = raw_x[k] > raw ? raw_x[k] : raw;
-      }
-      if (linear) {
-        lin += u[k] * (z[k] - r);
-        wsum += u[k];
-      }
-    }
-  }
-
-  __device__ __forceinline__ void merge(RowAcc o) {
-    const A M = o.m > m ? o.m : m;
-    rescale(M);
-    o.rescale(M);
-    s += o.s;
-    if (stats) {
-      h += o.h;
-      raw = o.raw > raw ? o.raw : raw;
-    }
-    if (linear) {
-      lin += o.lin;
-      wsum += o.wsum;
-    }
-  }
-
-  __device__ __forceinline__ RowAcc shfl_down(int d) const {
-    constexpr unsigned kAll = 0xffffffffu;
-    return {__shfl_down_sync(kAll, m, d),   __shfl_down_sync(kAll, s, d),    __shfl_down_sync(kAll, h, d),
-            __shfl_down_sync(kAll, lin, d), __shfl_down_sync(kAll, wsum, d), __shfl_down_sync(kAll, raw, d),
-            stats, linear};
-  }
-  __device__ __forceinline__ RowAcc shfl(int lane) const {
-    constexpr unsigned kAll = 0xffffffffu;
-    return {__shfl_sync(kAll, m, lane),   __shfl_sync(kAll, s, lane),    __shfl_sync(kAll, h, lane),
-            __shfl_sync(kAll, lin, lane), __shfl_sync(kAll, wsum, lane), __shfl_sync(kAll, raw, lane),
-            stats, linear};
-  }
-
-  __device__ __forceinline__ RowLse<A> lse() const { return row_lse(m, s); }
-  // entropy of softmax(z) = log_sum - h / s.
-  __device__ __forceinline__ A entropy(const RowLse<A>& l) const { return l.log_sum - h / s; }
 };
 
 // The threads of a group share a row: lane `lane` of `group` threads (a warp or a block).
@@ -222,6 +144,10 @@ enum class Layout { kBlock, kWarp, kThread };
 constexpr int kWarpRowMaxClasses = 2048;  // up to here a warp per row, above a block
 constexpr int kThreadRowMaxClasses = 16;  // (N, C) rows this short get a thread each
 constexpr int kRowsThreads = 256;         // block size of the warp and thread layouts
+
+// The most threads a block of the layout has (the kernels' __launch_bounds__: without it a
+// float64 row kernel takes more registers than 1024 threads can have on sm_90).
+constexpr int max_threads(Layout l) { return l == Layout::kBlock ? 1024 : kRowsThreads; }
 
 inline Layout layout_for(int64_t classes, int64_t inner) {
   if (inner > 1 || classes <= kThreadRowMaxClasses) return Layout::kThread;

@@ -134,7 +134,7 @@ inline void check_in_place(const at::Tensor& input, int64_t reduction) {
 inline void check_backward_into(const at::Tensor& grad_input, const at::Tensor& input, int64_t reduction) {
   TORCH_CHECK(reduction != 0 && grad_input.is_contiguous() && grad_input.sizes() == input.sizes() &&
                   grad_input.scalar_type() == input.scalar_type() && grad_input.device() == input.device(),
-              "fused_loss.cross_entropy_backward_into: expected the forward's gradient (contiguous, of the input's "
+              "fused_loss.cross_entropy backward_into: expected the forward's gradient (contiguous, of the input's "
               "shape, dtype and device) and reduction 'mean' or 'sum', got ", grad_input.scalar_type(), " of shape ",
               grad_input.sizes(), " on ", grad_input.device(), " and reduction ", reduction);
 }
