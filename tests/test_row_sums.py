@@ -1,8 +1,11 @@
-"""The CUDA kernels' per-thread row sums (csrc/include/fused_loss/row_sums.h: max, sum of
-exponentials, entropy and linear sums gathered in one read, merged between threads), run on the
-host through tests/native/row_sums_driver.cpp: for rows split between 1 to 32 threads as the CUDA
-row kernels split them, the merged sums equal direct float64 formulas, with -inf, +inf and NaN
-logits. (No GPU is needed: this is the numerics every CUDA cross-entropy kernel relies on.)"""
+"""The CUDA cross-entropy kernels' host+device headers, run on the host through
+tests/native/row_sums_driver.cpp (no GPU needed):
+- row_sums.h, the per-thread row sums (max, sum of exponentials, entropy and linear sums
+  gathered in one read, merged between threads): for rows split between 1 to 32 threads as the
+  CUDA row kernels split them, the merged sums equal direct float64 formulas, with -inf, +inf and
+  NaN logits;
+- row_split.h, which elements each thread reads and writes: every element of a row exactly once,
+  with its own value, nothing outside it, at every alignment, row length and group size."""
 import math
 import os
 import shutil
@@ -116,3 +119,8 @@ def test_the_split_does_not_change_more_than_rounding(driver):
     assert one[0] == many[0]
     for a, b in zip(one[1:], many[1:]):
         assert a == pytest.approx(b, rel=1e-13, abs=1e-12)
+
+
+def test_every_element_of_a_row_is_read_and_written_once(driver):
+    run = subprocess.run([driver, "split"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr

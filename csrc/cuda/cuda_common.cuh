@@ -9,7 +9,12 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include "fused_loss/row_split.h"  // Pack, kVec
+
 namespace fused_loss::cuda {
+
+using fused_loss::kVec;
+using fused_loss::Pack;
 
 // float for 16- and 32-bit inputs, double for double (as ATen's opmath type).
 template <typename T>
@@ -25,22 +30,7 @@ using acc_t = typename Acc<T>::type;
 
 constexpr int kWarp = 32;
 
-// Vectors of 16 bytes where every pointer allows them.
-template <typename T>
-constexpr int kVec = 16 / sizeof(T);
-
-template <typename T, int N>
-struct alignas(16) Pack {
-  T v[N];
-};
-
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// Elements of T before the first 16-byte boundary at p (p is aligned to sizeof(T)).
-template <typename T>
-__device__ __forceinline__ int64_t misaligned_head(const T* p) {
-  return int64_t((16 - reinterpret_cast<uintptr_t>(p) % 16) % 16) / int64_t(sizeof(T));
-}
 
 // Reductions in a fixed order (shuffle-down trees, then the warps' results in warp order), so
 // that results are bitwise the same run to run. `S` is any value with members

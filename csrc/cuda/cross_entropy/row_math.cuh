@@ -1,9 +1,11 @@
 // Cross-entropy on CUDA: how a row is spread over threads and read (device code, shared by the
-// class-index and probability-target kernels). A thread's sums over its share of a row, and their
-// merge: fused_loss/row_sums.h; the row's formulas: fused_loss/cross_entropy_math.h, as on the CPU.
+// class-index and probability-target kernels). Which elements of a row a thread reads:
+// fused_loss/row_split.h; its sums over them, and their merge: fused_loss/row_sums.h; the row's
+// formulas: fused_loss/cross_entropy_math.h, as on the CPU.
 #pragma once
 
 #include "../cuda_common.cuh"
+#include "fused_loss/row_split.h"
 #include "fused_loss/row_sums.h"
 
 namespace fused_loss {
@@ -66,75 +68,6 @@ struct Shape {
     return th * z_per_tanh;
   }
 };
-
-// The threads of a group share a row: lane `lane` of `group` threads (a warp or a block).
-struct RowGroup {
-  int lane, size;
-};
-
-// Elements before a row's first 16-byte vector.
-template <typename T>
-__device__ __forceinline__ int64_t first_vector(const T* x, int64_t n) {
-  const int64_t head = misaligned_head(x);
-  return head < n ? head : n;
-}
-
-// Applies f(c, x_c) to the group's share of a row's n elements; fv(c, pack) to whole 16-byte
-// vectors of them where the row allows (between its unaligned head and tail).
-template <typename T, typename F1, typename FV>
-__device__ __forceinline__ void for_row(const T* x, int64_t n, RowGroup g, F1 f1, FV fv) {
-  constexpr int V = kVec<T>;
-  const int64_t head = first_vector(x, n);
-  for (int64_t i = g.lane; i < head; i += g.size) f1(i, x[i]);
-  const int64_t vectors = (n - head) / V;
-  const Pack<T, V>* xv = reinterpret_cast<const Pack<T, V>*>(x + head);
-  for (int64_t v = g.lane; v < vectors; v += g.size) fv(head + v * V, xv[v]);
-  for (int64_t i = head + vectors * V + g.lane; i < n; i += g.size) f1(i, x[i]);
-}
-
-// Applies f1(c, x_c, t_c) to the group's share of two rows of n elements (logits and
-// probability targets), fv(c, x pack, t pack) to whole 16-byte vectors where both rows are
-// aligned alike (else element by element).
-template <typename T, typename F1, typename FV>
-__device__ __forceinline__ void for_row_pair(const T* x, const T* t, int64_t n, RowGroup g, F1 f1, FV fv) {
-  constexpr int V = kVec<T>;
-  if ((reinterpret_cast<uintptr_t>(x) - reinterpret_cast<uintptr_t>(t)) % 16 != 0) {
-    for (int64_t i = g.lane; i < n; i += g.size) f1(i, x[i], t[i]);
-    return;
-  }
-  const int64_t head = first_vector(x, n);
-  for (int64_t i = g.lane; i < head; i += g.size) f1(i, x[i], t[i]);
-  const int64_t vectors = (n - head) / V;
-  const Pack<T, V>* xv = reinterpret_cast<const Pack<T, V>*>(x + head);
-  const Pack<T, V>* tv = reinterpret_cast<const Pack<T, V>*>(t + head);
-  for (int64_t v = g.lane; v < vectors; v += g.size) fv(head + v * V, xv[v], tv[v]);
-  for (int64_t i = head + vectors * V + g.lane; i < n; i += g.size) f1(i, x[i], t[i]);
-}
-
-// dx_c = f(c, x_c) over the group's share of a row (dx may be x: each element is read before
-// it is written, by the same thread). 16-byte vectors where x and dx are aligned alike.
-template <typename T, typename F>
-__device__ __forceinline__ void map_row(const T* x, T* dx, int64_t n, RowGroup g, F f) {
-  using A = acc_t<T>;
-  constexpr int V = kVec<T>;
-  if ((reinterpret_cast<uintptr_t>(x) - reinterpret_cast<uintptr_t>(dx)) % 16 != 0) {
-    for (int64_t i = g.lane; i < n; i += g.size) dx[i] = static_cast<T>(f(i, A(x[i])));
-    return;
-  }
-  const int64_t head = first_vector(x, n);
-  for (int64_t i = g.lane; i < head; i += g.size) dx[i] = static_cast<T>(f(i, A(x[i])));
-  const int64_t vectors = (n - head) / V;
-  const Pack<T, V>* xv = reinterpret_cast<const Pack<T, V>*>(x + head);
-  Pack<T, V>* dv = reinterpret_cast<Pack<T, V>*>(dx + head);
-  for (int64_t v = g.lane; v < vectors; v += g.size) {
-    const Pack<T, V> in = xv[v];
-    Pack<T, V> out;
-#pragma unroll
-    for (int k = 0; k < V; ++k) out.v[k] = static_cast<T>(f(head + v * V + k, A(in.v[k])));
-    dv[v] = out;
-  }
-  for (int64_t i = head + vectors * V + g.lane; i < n; i += g.size) dx[i] = static_cast<T>(f(i, A(x[i])));
-}
 
 // How a row is spread over threads: a whole block per row (long rows), a warp per row, or a
 // thread per row (rows of a few classes, and the K-dimensional layout, whose classes are
