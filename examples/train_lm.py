@@ -179,6 +179,10 @@ def train(args):
                   peak_memory_means="max allocated" if device.type == "cuda" else
                   "growth of the process's peak RSS during training")
     if distributed:
+        # Every rank done with its collectives before any tears down (gloo's threads otherwise
+        # abort a rank whose peer left first: "terminate called without an active exception").
+        del net, forward  # the DDP wrapper (its reducer holds the group) first
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if rank == 0:
         print(f"{args.loss}: {result['tokens_per_s']:,.0f} tokens/s, peak memory {result['peak_memory_mb']:,.0f} MB "

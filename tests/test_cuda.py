@@ -99,20 +99,12 @@ def test_backward_into(name, upstream):
     assert torch.equal(buffer, kept) == (upstream == 1.0)
 
 
-def test_cuda_graph_capture_of_forward_and_backward():
-    x = torch.randn(4096, 513, device="cuda", requires_grad=True)
-    t = torch.rand(4096, 513, device="cuda")
-    pos_weight = torch.rand(513, device="cuda") + 0.5
-
-    def step():
-        loss = (fused_loss.binary_cross_entropy_with_logits(x, t, pos_weight=pos_weight)
-                + fused_loss.smooth_l1_loss(x, t, beta=0.5) + fused_loss.huber_loss(x, t))
-        loss.backward()
-        return loss
-
+def _capture_and_replay(step, x):
+    """Captures step() (forward and backward into x.grad) in a CUDA graph after a warm-up outside
+    it (as CUDA graphs require), zeroes x.grad, replays, and returns the captured loss."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside the graph, as CUDA graphs require
+    with torch.cuda.stream(stream):
         for _ in range(2):
             x.grad = None
             step()
@@ -124,6 +116,21 @@ def test_cuda_graph_capture_of_forward_and_backward():
     x.grad.zero_()
     graph.replay()
     torch.cuda.synchronize()
+    return captured
+
+
+def test_cuda_graph_capture_of_forward_and_backward():
+    x = torch.randn(4096, 513, device="cuda", requires_grad=True)
+    t = torch.rand(4096, 513, device="cuda")
+    pos_weight = torch.rand(513, device="cuda") + 0.5
+
+    def step():
+        loss = (fused_loss.binary_cross_entropy_with_logits(x, t, pos_weight=pos_weight)
+                + fused_loss.smooth_l1_loss(x, t, beta=0.5) + fused_loss.huber_loss(x, t))
+        loss.backward()
+        return loss
+
+    captured = _capture_and_replay(step, x)
     x_ref = x.detach().clone().requires_grad_()
     ref = (torch.nn.functional.binary_cross_entropy_with_logits(x_ref, t, pos_weight=pos_weight)
            + torch.nn.functional.smooth_l1_loss(x_ref, t, beta=0.5) + torch.nn.functional.huber_loss(x_ref, t))
@@ -301,20 +308,7 @@ def test_cross_entropy_cuda_graph_capture():
         loss.backward()
         return loss
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            x.grad = None
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    x.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    x.grad.zero_()
-    graph.replay()
-    torch.cuda.synchronize()
+    captured = _capture_and_replay(step, x)
     x_ref = x0.cuda().requires_grad_()
     ref = reference.cross_entropy_with_options(x_ref, y, w, -100, "mean", 0.1, 8.0, 1.0, 1e-3)
     ref.backward()
@@ -346,3 +340,24 @@ def test_cross_entropy_target_out_of_bounds_fails_on_the_device():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert "fused_loss.cross_entropy: a target is out of bounds" in run.stderr + run.stdout
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float32, 1e-4, 1e-5), (torch.bfloat16, 2e-2, 2e-2)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_cuda_equals_cpu(dtype, reduction, rtol, atol):
+    """linear_cross_entropy's chunks on CUDA go through the CUDA in-place forward (several chunks)."""
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(300, 64, generator=g).to(dtype)
+    w = (torch.randn(1001, 64, generator=g) * 0.1).to(dtype)
+    b = (torch.randn(1001, generator=g) * 0.1).to(dtype)
+    y = torch.randint(0, 1001, (300,), generator=g)
+    y[::7] = -100
+    results = []
+    for device in ("cpu", "cuda"):
+        hd, wd, bd = (t.to(device).requires_grad_() for t in (h, w, b))
+        loss = fused_loss.linear_cross_entropy(hd, wd, y.to(device), linear_bias=bd, reduction=reduction,
+                                               label_smoothing=0.1, z_loss=1e-3, softcap=20.0, chunk_size=128)
+        up = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape).to(device)
+        grads = torch.autograd.grad(loss, (hd, wd, bd), up)
+        results.append([loss.detach().cpu(), *[t.cpu() for t in grads]])
+    _assert_all_close(results[1], results[0], rtol, atol)

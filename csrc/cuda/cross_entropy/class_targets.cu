@@ -404,23 +404,14 @@ void backward_into(const at::Tensor& dx, const at::Tensor& grad_loss, const at::
   const at::Tensor st = check_stats(stats, "stats", 2, g, acc);
   check_same_device(st, input, "stats");
   check_same_device(grad_loss, input, "the upstream gradient");
-  at::Tensor grad_rows, upstream;
-  if (red == Reduction::None) {
-    TORCH_CHECK(grad_loss.numel() == g.rows(), "fused_loss.cross_entropy backward: expected a gradient with ",
-                g.rows(), " elements for reduction='none', got shape ", grad_loss.sizes());
-    grad_rows = grad_loss.reshape(-1).to(acc).contiguous();
-  } else {
-    TORCH_CHECK(grad_loss.numel() == 1, "fused_loss.cross_entropy backward: expected a scalar gradient, got shape ",
-                grad_loss.sizes());
-    upstream = grad_loss.reshape({1}).to(at::kDouble).contiguous();  // as the CPU's item<double>()
-  }
-  const ClassCall c = prepare(input, target, weight, red, ignore_index, upstream);
+  const DeviceUpstream u = device_upstream(grad_loss, red, g.rows(), acc);
+  const ClassCall c = prepare(input, target, weight, red, ignore_index, u.scalar);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_backward", [&] {
     using A = acc_t<scalar_t>;
     ClassArgs<scalar_t> a = make_args<scalar_t>(c, ignore_index, label_smoothing, opts);
     a.dx = dx.data_ptr<scalar_t>();
     a.row_stats = st.data_ptr<A>();  // read only in the backward
-    a.grad_rows = grad_rows.defined() ? grad_rows.data_ptr<A>() : nullptr;
+    a.grad_rows = u.rows.defined() ? u.rows.data_ptr<A>() : nullptr;
     a.skip_if_one = skip_if_one && red != Reduction::None;
     launch<scalar_t, true>(a);
   });

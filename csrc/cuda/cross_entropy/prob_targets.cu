@@ -243,16 +243,7 @@ void backward_into(const at::Tensor& dx, const at::Tensor& dt, const at::Tensor&
   check_same_device(st, input, "stats");
   check_same_device(grad_loss, input, "the upstream gradient");
   const at::Tensor x = input.contiguous(), t = target.contiguous(), w = weights_of(weight, input, g.classes);
-  at::Tensor grad_rows, grad_scalar;
-  if (red == Reduction::None) {
-    TORCH_CHECK(grad_loss.numel() == g.rows(), "fused_loss.cross_entropy backward: expected a gradient with ",
-                g.rows(), " elements for reduction='none', got shape ", grad_loss.sizes());
-    grad_rows = grad_loss.reshape(-1).to(acc).contiguous();
-  } else {
-    TORCH_CHECK(grad_loss.numel() == 1, "fused_loss.cross_entropy backward: expected a scalar gradient, got shape ",
-                grad_loss.sizes());
-    grad_scalar = grad_loss.reshape({1}).to(at::kDouble).contiguous();  // as the CPU's item<double>()
-  }
+  const DeviceUpstream u = device_upstream(grad_loss, red, g.rows(), acc);
   if ((!dx.defined() && !dt.defined()) || input.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_prob_backward", [&] {
     using A = acc_t<scalar_t>;
@@ -260,8 +251,8 @@ void backward_into(const at::Tensor& dx, const at::Tensor& dt, const at::Tensor&
     a.dx = dx.defined() ? dx.data_ptr<scalar_t>() : nullptr;
     a.dt = dt.defined() ? dt.data_ptr<scalar_t>() : nullptr;
     a.row_stats = st.data_ptr<A>();
-    a.grad_rows = grad_rows.defined() ? grad_rows.data_ptr<A>() : nullptr;
-    a.grad_scalar = grad_scalar.defined() ? grad_scalar.data_ptr<double>() : nullptr;
+    a.grad_rows = u.rows.defined() ? u.rows.data_ptr<A>() : nullptr;
+    a.grad_scalar = u.scalar.defined() ? u.scalar.data_ptr<double>() : nullptr;
     a.skip_if_one = into_buffer && red != Reduction::None;
     launch<scalar_t, true>(a);
   });

@@ -74,4 +74,26 @@ inline at::Tensor reduce_rows(const at::Tensor& rows, Reduction red, const doubl
   return loss;
 }
 
+// A backward's upstream gradient, checked and on the device: one per row ('none', in the acc
+// type) or one for all rows (a double, as the CPU reads it with item<double>(); never copied to the
+// host).
+struct DeviceUpstream {
+  at::Tensor rows, scalar;  // one of them defined
+};
+
+inline DeviceUpstream device_upstream(const at::Tensor& grad_loss, Reduction red, int64_t rows,
+                                      at::ScalarType acc) {
+  DeviceUpstream u;
+  if (red == Reduction::None) {
+    TORCH_CHECK(grad_loss.numel() == rows, "fused_loss.cross_entropy backward: expected a gradient with ", rows,
+                " elements for reduction='none', got shape ", grad_loss.sizes());
+    u.rows = grad_loss.reshape(-1).to(acc).contiguous();
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, "fused_loss.cross_entropy backward: expected a scalar gradient, got shape ",
+                grad_loss.sizes());
+    u.scalar = grad_loss.reshape({1}).to(at::kDouble).contiguous();
+  }
+  return u;
+}
+
 }  // namespace fused_loss::cuda::ce
