@@ -22,11 +22,12 @@ TORCH_LIBRARY(fused_loss, m) {
   // LLM options: logits z = softcap * tanh(x / softcap) / temperature; z_loss adds
   // z_loss * w_y * lse(z)^2 per row; return_stats makes stats (5, rows): max, log_sum,
   // entropy, correct (0/1) and the z-loss term of each row. softcap, temperature and
-  // return_stats take (N, C) input only.
+  // return_stats take (N, C) input only. acc_loss: the loss in the accumulation type (float32
+  // for 16-bit input: torch's dtype under autocast) instead of the input's.
   m.def(
       "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index, "
       "float label_smoothing, bool compute_grad, float? softcap=None, float temperature=1.0, float z_loss=0.0, "
-      "bool return_stats=False) -> (Tensor loss, Tensor stats, Tensor grad)");
+      "bool return_stats=False, bool acc_loss=False) -> (Tensor loss, Tensor stats, Tensor grad)");
   // The same for contiguous (N, C) logits that are not needed afterwards, reductions mean and
   // sum: they are overwritten with the gradient (for an upstream gradient of 1), so no buffer of
   // their size is allocated (linear cross-entropy's chunks). The loss is in the accumulation

@@ -79,6 +79,28 @@ def _denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, nu
     return (weight.to(dtype)[index] * valid).sum()
 
 
+_MIXED_ADDMM = {}
+
+
+def _mixed_addmm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch multiplies `dtype` matrices into a float32 `out` on the device
+    (addmm's out_dtype: CUDA, in recent torch), asked once per (device type, dtype) with a 2x2
+    product (an older torch refuses the dtype mix, and the weight's gradient then takes the tile
+    path)."""
+    key = (device.type, dtype)
+    if key not in _MIXED_ADDMM:
+        ok = device.type == "cuda"
+        if ok:
+            try:
+                a = torch.zeros((2, 2), dtype=dtype, device=device)
+                out = torch.zeros((2, 2), dtype=torch.float32, device=device)
+                torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+            except (RuntimeError, TypeError):
+                ok = False
+        _MIXED_ADDMM[key] = ok
+    return _MIXED_ADDMM[key]
+
+
 def _add_weight_grad(d_weight: Tensor, g: Tensor, x: Tensor, tile: Optional[Tensor], first: bool):
     """d_weight += g.T @ x (d_weight = g.T @ x for the first chunk: no zero-filled start), the
     product in g's dtype, accumulated in d_weight's (float32 for 16-bit inputs with several
@@ -89,12 +111,13 @@ def _add_weight_grad(d_weight: Tensor, g: Tensor, x: Tensor, tile: Optional[Tens
         else:
             d_weight.addmm_(g.t(), x)
         return
-    if d_weight.device.type == "cuda":  # cuBLAS: a 16-bit product accumulated into float32 (untested here)
+    if tile is None:  # cuBLAS: a 16-bit product accumulated into float32 (see _mixed_addmm)
         torch.addmm(d_weight, g.t(), x, beta=0 if first else 1, out_dtype=d_weight.dtype, out=d_weight)
         return
-    # Elsewhere (CPU: no mixed-dtype product) the product goes through a 16-bit tile of at most
-    # tile.shape[0] classes, added to the float32 accumulator. (The mixed-dtype add costs about
-    # a tenth of the bf16 product's time per chunk on 2 CPU cores: the price of float32 accumulation.)
+    # Elsewhere (the CPU, or a torch without the mixed-dtype product) the product goes through a
+    # 16-bit tile of at most tile.shape[0] classes, added to the float32 accumulator. (The
+    # mixed-dtype add costs about a tenth of the bf16 product's time per chunk on 2 CPU cores: the
+    # price of float32 accumulation.)
     rows = tile.shape[0]
     for v0, v1 in _chunks(d_weight.shape[0], rows):
         part = tile[: v1 - v0]
@@ -205,7 +228,7 @@ def _chunked(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: 
 
     logits_buf = input.new_empty((min(chunk_size, n), v)) if n > 0 else None
     tile = None
-    if grads and weight_grad and w_acc != dtype and device.type != "cuda":
+    if grads and weight_grad and w_acc != dtype and not _mixed_addmm(device, dtype):
         tile = input.new_empty((max(1, min(v, logits_buf.numel() // max(1, h))), h))
     w_t = linear_weight.t()
 

@@ -123,6 +123,14 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
                 and not gathers():
             weight = weight.reshape(-1)  # torch's K-dim path takes any weight of C elements
         fused = input.dim() == 2  # the row kernel takes every option; other layouts compose them
+        # Under autocast torch returns a float32 loss of the 16-bit logits cast to float32: the
+        # kernel computes in float32 anyway and returns its loss unrounded (acc_loss), without a
+        # float32 copy of the logits. (A weight of another dtype: both cast, as torch.)
+        acc_loss = input.dtype in _HALF and _autocast_on(input)
+        if acc_loss and weight is not None and weight.dtype != input.dtype:
+            input, weight = _autocast_float32(input, weight)
+            acc_loss = False
+        loss_dtype = torch.float32 if acc_loss else input.dtype
         z, w = input, weight
         if not fused and shaped(softcap, temperature):
             # Shaped in float32 at least, as the kernel shapes 16-bit logits, and rounded once: the loss.
@@ -132,8 +140,9 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
         # under torch.compile the backward recomputes it (no host read of the upstream gradient).
         loss, st, _ = ops.cross_entropy_forward(z, target, w, red, ignore_index, float(label_smoothing),
                                                 _in_pass_grad(z), softcap if fused else None,
-                                                temperature if fused else 1.0, z_loss, return_stats and fused)
-        loss = loss.to(input.dtype)
+                                                temperature if fused else 1.0, z_loss, return_stats and fused,
+                                                acc_loss)
+        loss = loss.to(loss_dtype)
         if not return_stats:
             return loss, None
         if fused:
@@ -143,6 +152,7 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
         raise RuntimeError(f"Expected floating point type for target with class probabilities, got {target.dtype}")
     if ignore_index >= 0:
         raise RuntimeError("ignore_index is not supported for floating point target")
+    input, target, weight = _autocast_float32(input, target, weight)
     dtype = torch.promote_types(input.dtype, target.dtype)  # torch promotes soft targets, and the weight
     if weight is not None:
         dtype = torch.promote_types(dtype, weight.dtype)
@@ -168,6 +178,23 @@ def _cross_entropy_batched(input, target, weight, red, ignore_index, label_smoot
 
 def _at_least_float32(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _autocast_on(t: Tensor) -> bool:
+    """Whether autocast is on for the tensor's device: torch then computes these losses in float32
+    (its fp32 policy: 16-bit floating arguments are cast to float32, float64 ones are not)."""
+    return torch.is_autocast_enabled(t.device.type)
+
+
+def _autocast_float32(*tensors):
+    """The arguments as torch's autocast hands them to a loss: 16-bit floating tensors as float32
+    where autocast is on for the first one's device; as given otherwise."""
+    if not _autocast_on(tensors[0]):
+        return tensors
+    return tuple(t.float() if t is not None and t.dtype in _HALF else t for t in tensors)
 
 
 def _check_floating_input(input: Tensor, name: str):
@@ -205,6 +232,7 @@ def binary_cross_entropy_with_logits(
     if target.size() != input.size():
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
     _check_floating_input(input, "binary_cross_entropy_with_logits")
+    input, target, weight, pos_weight = _autocast_float32(input, target, weight, pos_weight)
     if not target.dtype.is_floating_point:
         raise RuntimeError(f"result type {input.dtype} can't be cast to the desired output type {target.dtype}")
     for name, w in (("weight", weight), ("pos_weight", pos_weight)):
@@ -250,6 +278,7 @@ def smooth_l1_loss(
     if composite.needs_composite(input, target):
         return reference.smooth_l1_loss(input, target, size_average, reduce, reduction, beta)
     red = reduction_enum(_legacy_reduction(size_average, reduce, reduction))
+    input, target = _autocast_float32(input, target)
     dtype = torch.promote_types(input.dtype, target.dtype)  # computed and returned in it, as in torch
     if not dtype.is_floating_point:
         input, target = _broadcast_like_torch(input, target)
@@ -273,6 +302,7 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: fl
     red = reduction_enum(reduction)
     if weight is not None and weight.size() != input.size():  # before broadcasting, as torch
         raise ValueError("Weights and input must have the same size.")
+    input, target, weight = _autocast_float32(input, target, weight)
     # torch computes in the promoted dtype and returns the input's (promoted with the weight's,
     # which multiplies the result).
     dtype, out_dtype = torch.promote_types(input.dtype, target.dtype), input.dtype
@@ -305,6 +335,7 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, alpha: float = 0.25, gam
     _check_floating_input(inputs, "sigmoid_focal_loss")
     if not targets.dtype.is_floating_point:  # torchvision's formula fails there too (inside BCE)
         raise RuntimeError(f"fused_loss.sigmoid_focal_loss: expected floating point targets, got {targets.dtype}")
+    inputs, targets = _autocast_float32(inputs, targets)  # float32 under autocast, as torchvision's result
     dtype = torch.promote_types(inputs.dtype, targets.dtype)
     inputs = inputs.to(dtype)
     return ops.sigmoid_focal_loss_forward(inputs, targets.to(dtype), REDUCTIONS[reduction], float(alpha), float(gamma),

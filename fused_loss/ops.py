@@ -120,10 +120,11 @@ def _grad_pair(dx, dt, input_grad, target_grad):
 
 @register_fake("fused_loss::cross_entropy_forward")
 def _(input, target, weight, reduction, ignore_index, label_smoothing, compute_grad, softcap=None, temperature=1.0,
-      z_loss=0.0, return_stats=False):
+      z_loss=0.0, return_stats=False, acc_loss=False):
     _check_input(input)
     torch._check(tuple(target.shape) == _row_shape(input), lambda: "target shape does not match input")
-    loss = input.new_empty(target.shape if reduction == 0 else ())
+    loss = input.new_empty(target.shape if reduction == 0 else (),
+                           dtype=acc_dtype(input.dtype) if acc_loss else input.dtype)
     return loss, _row_stats_fake(input, 5 if return_stats else 2), _in_pass_grad_fake(input, compute_grad, reduction)
 
 
@@ -192,7 +193,7 @@ def _take_in_pass_grad(ctx, grad_loss, backward_into=None):
 
 def _ce_setup_context(ctx, inputs, output):
     input, target, weight, reduction, ignore_index, label_smoothing, compute_grad, *options = inputs
-    softcap, temperature, z_loss, _ = (options + [None, 1.0, 0.0, False][len(options):])  # schema defaults
+    softcap, temperature, z_loss = (options + [None, 1.0, 0.0][len(options):])[:3]  # schema defaults
     _, stats, grad = output
     ctx.mark_non_differentiable(stats, grad)
     ctx.set_materialize_grads(False)  # no zero-filled N x C "gradients" for stats and grad

@@ -56,7 +56,9 @@ def test_cuda_equals_cpu(name, reduction, dtype, rtol, atol):
         xd, td = x.to(device).requires_grad_(), t.to(device).requires_grad_()
         kwd = {k: v.to(device) for k, v in kw.items()}
         loss = fn(xd, td, reduction=reduction, **kwd)
-        up = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape).to(device)
+        # 'sum' with an upstream of 1: the forward's in-pass gradient is the one handed out.
+        up = (torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype) if loss.dim() else
+              torch.tensor(1.0 if reduction == "sum" else 0.5, dtype=loss.dtype)).reshape(loss.shape).to(device)
         grads = torch.autograd.grad(loss, (xd, td), up)
         results.append([loss.cpu(), *[g.cpu() for g in grads]])
     for cpu, cuda in zip(*results):
@@ -92,11 +94,12 @@ def test_backward_into(name, upstream):
     ops = torch.ops.fused_loss
     fwd, bwd, into = (getattr(ops, f"{name}_{kind}") for kind in ("forward", "backward", "backward_into"))
     _, buffer = fwd(x, t, *extra, True)
-    kept = buffer.clone()
     g = torch.tensor(upstream, device="cuda")
+    want = bwd(g, x, t, *extra, True, False)[0]
+    assert torch.equal(buffer, want) == (upstream == 1.0)  # the in-pass gradient has the backward's bits
+    buffer.fill_(7.0)  # a sentinel: kept for an upstream of 1 (decided on the device), overwritten otherwise
     into(buffer, g, x, t, *extra)
-    assert torch.equal(buffer, bwd(g, x, t, *extra, True, False)[0])
-    assert torch.equal(buffer, kept) == (upstream == 1.0)
+    assert torch.equal(buffer, torch.full_like(buffer, 7.0) if upstream == 1.0 else want)
 
 
 def _capture_and_replay(step, x):
@@ -178,15 +181,17 @@ CE_OPTIONS = {
 }
 
 
-def _run_ce(x, y, w, reduction, options, device, probs=None):
-    """Loss (and stats) and the input's (and soft target's) gradient, on `device`, back on the CPU."""
+def _run_ce(x, y, w, reduction, options, device, probs=None, upstream=0.5):
+    """Loss (and stats) and the input's (and soft target's) gradient, on `device`, back on the CPU.
+    upstream: the gradient of a scalar loss (1: the forward's in-pass gradient is the one handed out)."""
     kw = dict(options)
     kw["weight"] = w.to(device) if kw.pop("weight", False) else None
     xd = x.to(device).requires_grad_()
     target = y.to(device) if probs is None else probs.to(device).requires_grad_()
     out = fused_loss.cross_entropy(xd, target, reduction=reduction, **kw)
     loss, stats = out if kw.get("return_stats") else (out, None)
-    up = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape).to(device)
+    up = (torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype) if loss.dim() else
+          torch.tensor(upstream, dtype=loss.dtype)).reshape(loss.shape).to(device)
     wrt = (xd,) if probs is None else (xd, target)
     grads = torch.autograd.grad(loss, wrt, up)
     result = [loss.detach().cpu(), *[g.cpu() for g in grads]]
@@ -204,21 +209,22 @@ def _assert_all_close(cuda, cpu, rtol, atol):
 
 @pytest.mark.parametrize("shape", CE_SHAPES, ids=str)
 @pytest.mark.parametrize("option", list(CE_OPTIONS))
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("reduction, upstream", [("none", None), ("mean", 1.0), ("mean", 0.5), ("sum", 1.0)])
 @pytest.mark.parametrize("dtype, rtol, atol", DTYPES)
-def test_cross_entropy_cuda_equals_cpu(shape, option, reduction, dtype, rtol, atol):
+def test_cross_entropy_cuda_equals_cpu(shape, option, reduction, upstream, dtype, rtol, atol):
     x, y, w, _ = _ce_case(shape, dtype)
-    results = [_run_ce(x, y, w, reduction, CE_OPTIONS[option], device) for device in ("cpu", "cuda")]
+    results = [_run_ce(x, y, w, reduction, CE_OPTIONS[option], device, upstream=upstream)
+               for device in ("cpu", "cuda")]
     _assert_all_close(results[1], results[0], rtol, atol)
 
 
 @pytest.mark.parametrize("shape", CE_SHAPES, ids=str)
 @pytest.mark.parametrize("option", [{}, dict(weight=True, label_smoothing=0.15)], ids=["plain", "weight+smoothing"])
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("reduction, upstream", [("none", None), ("mean", 1.0), ("sum", 0.5)])
 @pytest.mark.parametrize("dtype, rtol, atol", DTYPES)
-def test_cross_entropy_probability_targets_cuda_equals_cpu(shape, option, reduction, dtype, rtol, atol):
+def test_cross_entropy_probability_targets_cuda_equals_cpu(shape, option, reduction, upstream, dtype, rtol, atol):
     x, y, w, probs = _ce_case(shape, dtype)
-    results = [_run_ce(x, y, w, reduction, option, device, probs) for device in ("cpu", "cuda")]
+    results = [_run_ce(x, y, w, reduction, option, device, probs, upstream) for device in ("cpu", "cuda")]
     _assert_all_close(results[1], results[0], rtol, atol)
 
 
@@ -274,12 +280,12 @@ def test_cross_entropy_backward_into(upstream):
     x, y, w = x.cuda(), y.cuda(), w.cuda()
     ops = torch.ops.fused_loss
     loss, stats, grad = ops.cross_entropy_forward(x, y, w, 1, -100, 0.1, True)
-    kept = grad.clone()
     g = torch.tensor(upstream, device="cuda")
-    ops.cross_entropy_backward_into(grad, g, x, y, w, stats, 1, -100, 0.1)
     want = ops.cross_entropy_backward(g, x, y, w, stats, 1, -100, 0.1)
-    assert torch.equal(grad, want)
-    assert torch.equal(grad, kept) == (upstream == 1.0)
+    assert torch.equal(grad, want) == (upstream == 1.0)  # the in-pass gradient has the backward's bits
+    grad.fill_(7.0)  # a sentinel: kept for an upstream of 1 (decided on the device), overwritten otherwise
+    ops.cross_entropy_backward_into(grad, g, x, y, w, stats, 1, -100, 0.1)
+    assert torch.equal(grad, torch.full_like(grad, 7.0) if upstream == 1.0 else want)
 
 
 @pytest.mark.parametrize("upstream", [1.0, 0.75])
@@ -288,12 +294,12 @@ def test_cross_entropy_probability_targets_backward_into(upstream):
     x, w, probs = x.cuda(), w.cuda(), probs.cuda()
     ops = torch.ops.fused_loss
     _, stats, grad = ops.cross_entropy_prob_forward(x, probs, w, 1, 0.1, True)
-    kept = grad.clone()
     g = torch.tensor(upstream, device="cuda")
-    ops.cross_entropy_prob_backward_into(grad, g, x, probs, w, stats, 1, 0.1)
     want = ops.cross_entropy_prob_backward(g, x, probs, w, stats, 1, 0.1, True, False)[0]
-    assert torch.equal(grad, want)
-    assert torch.equal(grad, kept) == (upstream == 1.0)
+    assert torch.equal(grad, want) == (upstream == 1.0)
+    grad.fill_(7.0)  # a sentinel: kept for an upstream of 1, overwritten otherwise
+    ops.cross_entropy_prob_backward_into(grad, g, x, probs, w, stats, 1, 0.1)
+    assert torch.equal(grad, torch.full_like(grad, 7.0) if upstream == 1.0 else want)
 
 
 def test_cross_entropy_cuda_graph_capture():

@@ -150,11 +150,12 @@ def test_backward_into_keeps_the_buffer_only_for_an_upstream_of_one(upstream):
     x, t, kw = _case(16, 300, torch.float32, dict(label_smoothing=0.1, weight=True, ignore_index=2))
     ops = torch.ops.fused_loss
     _, stats, buffer = ops.cross_entropy_forward(x, t, kw["weight"], 1, 2, 0.1, True, 5.0, 1.0, 1e-3)
-    kept = buffer.clone()
     g = torch.tensor(upstream)
+    want = ops.cross_entropy_backward(g, x, t, kw["weight"], stats, 1, 2, 0.1, 5.0, 1.0, 1e-3)
+    assert torch.equal(buffer, want) == (upstream == 1.0)
+    buffer.fill_(7.0)  # a sentinel: kept for an upstream of 1, overwritten otherwise
     ops.cross_entropy_backward_into(buffer, g, x, t, kw["weight"], stats, 1, 2, 0.1, 5.0, 1.0, 1e-3)
-    assert torch.equal(buffer, ops.cross_entropy_backward(g, x, t, kw["weight"], stats, 1, 2, 0.1, 5.0, 1.0, 1e-3))
-    assert torch.equal(buffer, kept) == (upstream == 1.0)
+    assert torch.equal(buffer, torch.full_like(buffer, 7.0) if upstream == 1.0 else want)
     with pytest.raises(RuntimeError, match="fused_loss.cross_entropy backward_into"):
         ops.cross_entropy_backward_into(buffer[:, :5], g, x, t, kw["weight"], stats, 1, 2, 0.1)
     with pytest.raises(RuntimeError, match="fused_loss.cross_entropy backward_into"):
@@ -168,11 +169,12 @@ def test_probability_targets_backward_into(upstream):
     w = torch.rand(400, dtype=torch.float32) + 0.5
     ops = torch.ops.fused_loss
     _, stats, buffer = ops.cross_entropy_prob_forward(x, t, w, 1, 0.1, True)
-    kept = buffer.clone()
     g = torch.tensor(upstream)
+    want = ops.cross_entropy_prob_backward(g, x, t, w, stats, 1, 0.1, True, False)[0]
+    assert torch.equal(buffer, want) == (upstream == 1.0)
+    buffer.fill_(7.0)  # a sentinel: kept for an upstream of 1, overwritten otherwise
     ops.cross_entropy_prob_backward_into(buffer, g, x, t, w, stats, 1, 0.1)
-    assert torch.equal(buffer, ops.cross_entropy_prob_backward(g, x, t, w, stats, 1, 0.1, True, False)[0])
-    assert torch.equal(buffer, kept) == (upstream == 1.0)
+    assert torch.equal(buffer, torch.full_like(buffer, 7.0) if upstream == 1.0 else want)
     with pytest.raises(RuntimeError, match="fused_loss.cross_entropy backward_into"):
         ops.cross_entropy_prob_backward_into(buffer, g, x, t, w, stats, 0, 0.1)
 

@@ -148,14 +148,15 @@ std::tuple<at::Tensor, at::Tensor> forward_into(const at::Tensor& x, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing, bool compute_grad, std::optional<double> softcap, double temperature,
-    double z_loss, bool return_stats) {
+    double z_loss, bool return_stats, bool acc_loss) {
   check_input(input);
   check_smoothing(label_smoothing);
   const RowOptions opts = row_options(softcap, temperature, z_loss, return_stats);
   const Reduction red = to_reduction(reduction);
   const bool in_pass = compute_grad && in_pass_gradient(input, red);
   at::Tensor dx = in_pass ? new_like(input) : at::Tensor();
-  auto [loss, stats] = forward_into(input.contiguous(), target, weight, red, ignore_index, label_smoothing, opts, dx);
+  auto [loss, stats] = forward_into(input.contiguous(), target, weight, red, ignore_index, label_smoothing, opts, dx,
+                                    acc_loss);
   return {loss, stats, in_pass ? dx : at::empty({0}, input.options())};
 }
 

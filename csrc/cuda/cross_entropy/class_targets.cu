@@ -364,7 +364,7 @@ void check_cuda_input(const at::Tensor& input) { check_input(input, c10::DeviceT
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t reduction,
     int64_t ignore_index, double label_smoothing, bool compute_grad, std::optional<double> softcap, double temperature,
-    double z_loss, bool return_stats) {
+    double z_loss, bool return_stats, bool acc_loss) {
   check_cuda_input(input);
   check_smoothing(label_smoothing);
   const RowOptions opts = row_options(softcap, temperature, z_loss, return_stats);
@@ -372,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(
   const c10::cuda::CUDAGuard guard(input.device());
   const bool in_pass = compute_grad && red != Reduction::None;
   at::Tensor dx = in_pass ? at::empty(input.sizes(), input.options()) : at::Tensor();
-  auto [loss, stats] = forward_into(input, target, weight, red, ignore_index, label_smoothing, opts, dx, false);
+  auto [loss, stats] = forward_into(input, target, weight, red, ignore_index, label_smoothing, opts, dx, acc_loss);
   return {loss, stats, in_pass ? dx : at::empty({0}, input.options())};
 }
 
