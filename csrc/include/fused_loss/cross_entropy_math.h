@@ -103,7 +103,7 @@ FL_HOST_DEVICE CrossEntropyClassGrad<A> ce_class_grad_coefs(const CrossEntropyPa
 // that results do not depend on the thread count.
 template <typename A, typename Exp>
 FL_HOST_DEVICE void merge_max_sumexp(A& m, A& s, A m_part, A s_part, Exp exp_fn) {
-  if (m_part > m) {
+  if (m_part > m || m_part != m_part) {  // a part's NaN max wins: the row's lse is NaN, as torch's
     s = s * exp_fn(m - m_part) + s_part;
     m = m_part;
   } else if (s_part != A(0)) {  // also propagates NaN (NaN != 0)
