@@ -100,6 +100,8 @@ def use_cuda() -> bool:
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/**/*.cpp", recursive=True))
+    if os.environ.get("FUSED_LOSS_CUDA_ONLY", "0") == "1":  # scripts/cuda_check.sh: the schemas and CUDA kernels
+        sources = ["csrc/fused_loss.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx = cpu_flags() + sanitize_flags()
     link = ["-fopenmp"] + sanitize_flags()
