@@ -170,7 +170,7 @@ def _keep_in_pass_grad(ctx, grad: torch.Tensor):
     ctx.in_pass_grad = grad if grad.numel() > 0 else None
 
 
-def _take_in_pass_grad(ctx, grad_loss, backward_into=None):
+def _take_in_pass_grad(ctx, grad_loss, backward_into):
     """The forward's in-pass gradient, dropped from ctx either way: returned as it is, once, for
     an upstream gradient of exactly 1 (loss.backward() on 'mean' or 'sum') when the result need
     not be differentiable (no create_graph); else None, and the caller recomputes. So a later
@@ -184,8 +184,7 @@ def _take_in_pass_grad(ctx, grad_loss, backward_into=None):
         return None
     if _is_exactly_one(grad_loss):
         return grad
-    if backward_into is not None and grad_loss.device.type == "cuda" and grad_loss.numel() == 1 \
-            and not torch.compiler.is_compiling():
+    if grad_loss.device.type == "cuda" and not torch.compiler.is_compiling():
         backward_into(grad)
         return grad
     return None
@@ -205,12 +204,11 @@ def _ce_setup_context(ctx, inputs, output):
 
 def _ce_backward(ctx, grad_loss, grad_stats, grad_grad):
     none = (None,) * (ctx.n_inputs - 1)
+    in_pass = _take_in_pass_grad(ctx, grad_loss, lambda buffer: ops.cross_entropy_backward_into(
+        buffer, grad_loss, *ctx.saved_tensors, *ctx.args))
     if grad_loss is None:  # no gradient reached the loss (grads are not materialised)
-        ctx.in_pass_grad = None
         return (None, *none)
     input, target, weight, stats = ctx.saved_tensors
-    in_pass = _take_in_pass_grad(ctx, grad_loss, lambda buffer: ops.cross_entropy_backward_into(
-        buffer, grad_loss, input, target, weight, stats, *ctx.args))
     if ctx.needs_input_grad[2]:
         raise NotImplementedError("fused_loss.cross_entropy: the derivative for 'weight' is not implemented "
                                   "for class-index targets (as in torch)")
@@ -277,13 +275,12 @@ def _ce_prob_setup_context(ctx, inputs, output):
 
 
 def _ce_prob_backward(ctx, grad_loss, grad_stats, grad_grad):
+    in_pass = _take_in_pass_grad(ctx, grad_loss, lambda buffer: ops.cross_entropy_prob_backward_into(
+        buffer, grad_loss, *ctx.saved_tensors, *ctx.args))
     none = (None,) * (ctx.n_inputs - 3)
     if grad_loss is None:  # no gradient reached the loss (grads are not materialised)
-        ctx.in_pass_grad = None
         return (None, None, None, *none)
     input, target, weight, stats = ctx.saved_tensors
-    in_pass = _take_in_pass_grad(ctx, grad_loss, lambda buffer: ops.cross_entropy_prob_backward_into(
-        buffer, grad_loss, input, target, weight, stats, *ctx.args))
     need_input, need_target, need_weight = ctx.needs_input_grad[:3]
     if need_weight:
         # Rare (torch differentiates the weight of probability targets; we follow): the
@@ -368,12 +365,12 @@ def _register_elementwise_autograd(name: str, n_tensors: int):
         _keep_in_pass_grad(ctx, grad)
 
     def backward(ctx, grad, grad_grad):
+        in_pass = _take_in_pass_grad(ctx, grad, lambda buffer: backward_into_op(buffer, grad, *ctx.saved_tensors,
+                                                                                *ctx.options))
         nones = [None] * (len(ctx.needs_input_grad) - 2)
         if grad is None:  # no gradient reached the loss (grads are not materialised)
-            ctx.in_pass_grad = None
             return (None, None, *nones)
         tensors = ctx.saved_tensors
-        in_pass = _take_in_pass_grad(ctx, grad, lambda buffer: backward_into_op(buffer, grad, *tensors, *ctx.options))
         if any(ctx.needs_input_grad[2:n_tensors]):
             grads = composite.vjp(lambda *ts: loss_fn(*ts, *ctx.options), list(tensors),
                                   list(ctx.needs_input_grad[:n_tensors]), grad)

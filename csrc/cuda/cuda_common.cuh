@@ -68,14 +68,23 @@ __device__ S block_reduce(S v, S* smem, const S& identity) {
   return r;
 }
 
-// A double sum as a reducible value.
-struct DoubleSum {
-  double v;
-  __device__ __forceinline__ void merge(const DoubleSum& o) { v += o.v; }
+// A sum as a reducible value.
+template <typename A>
+struct Sum {
+  A v;
+  __device__ __forceinline__ void merge(const Sum& o) { v += o.v; }
 };
-__device__ __forceinline__ DoubleSum shfl(const DoubleSum& a, int lane) { return {__shfl_sync(0xffffffffu, a.v, lane)}; }
-__device__ __forceinline__ DoubleSum shfl_down(const DoubleSum& a, int d) {
-  return {__shfl_down_sync(0xffffffffu, a.v, d)};
+template <typename A>
+__device__ __forceinline__ Sum<A> shfl(const Sum<A>& a, int lane) { return {__shfl_sync(0xffffffffu, a.v, lane)}; }
+template <typename A>
+__device__ __forceinline__ Sum<A> shfl_down(const Sum<A>& a, int d) { return {__shfl_down_sync(0xffffffffu, a.v, d)}; }
+
+// Sum of one value per thread of the block, in a fixed order; every thread gets it. (-0 is the
+// additive identity: a sum of -0 terms stays -0, as torch's.)
+template <typename A>
+__device__ __forceinline__ A block_sum(A v) {
+  __shared__ Sum<A> smem[32];
+  return block_reduce(Sum<A>{v}, smem, Sum<A>{A(-0.0)}).v;
 }
 
 // Blocks of a grid-stride pass over n items, a function of n only (so the partial sums, and

@@ -50,19 +50,6 @@ DeviceOperand<T> device_operand(const std::optional<at::Tensor>& opt, const at::
   return {keep.data_ptr<T>(), layout.repeat, layout.period};
 }
 
-// Sum of one value per thread of the block, in a fixed order (shared-memory tree).
-template <typename A>
-__device__ A block_sum(A v) {
-  __shared__ A smem[kThreads];
-  smem[threadIdx.x] = v;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) smem[threadIdx.x] += smem[threadIdx.x + s];
-    __syncthreads();
-  }
-  return smem[0];
-}
-
 // Applies f(i, args) to elements [i, i + count) of the thread's vector or single element.
 template <typename T, typename F>
 __device__ __forceinline__ void for_elements(const T* x, const T* y, const DeviceOperand<T>& w,

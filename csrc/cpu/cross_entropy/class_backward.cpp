@@ -72,9 +72,7 @@ void cross_entropy_backward_into_cpu(at::Tensor& grad_input, const at::Tensor& g
                                      double label_smoothing, std::optional<double> softcap, double temperature,
                                      double z_loss) {
   check_input(input);
-  check_backward_into(grad_input, input, reduction);
-  TORCH_CHECK(grad_loss.numel() == 1, "fused_loss.cross_entropy backward: expected a scalar gradient, got shape ",
-              grad_loss.sizes());
+  check_in_pass_buffer("cross_entropy", " backward_into", grad_input, grad_loss, input, reduction);
   if (grad_loss.item<double>() == 1.0) return;
   grad_input.copy_(cross_entropy_backward_cpu(grad_loss, input, target, weight, stats, reduction, ignore_index,
                                               label_smoothing, softcap, temperature, z_loss));

@@ -217,13 +217,10 @@ struct UpstreamGrad {
 inline UpstreamGrad upstream_grad(const at::Tensor& grad_loss, Reduction red, int64_t rows, at::ScalarType acc,
                            double denominator) {
   UpstreamGrad u;
+  check_upstream(grad_loss, red, rows);
   if (red == Reduction::None) {
-    TORCH_CHECK(grad_loss.numel() == rows, "fused_loss.cross_entropy backward: expected a gradient with ", rows,
-                " elements for reduction='none', got shape ", grad_loss.sizes());
     u.rows = grad_loss.reshape(-1).to(acc).contiguous();
   } else {
-    TORCH_CHECK(grad_loss.numel() == 1, "fused_loss.cross_entropy backward: expected a scalar gradient, got shape ",
-                grad_loss.sizes());
     u.all = grad_loss.item<double>();
     if (red == Reduction::Mean) u.all /= denominator;
   }

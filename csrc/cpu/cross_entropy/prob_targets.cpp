@@ -226,9 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_cpu(
           in_pass ? dx.data_ptr<scalar_t>() : nullptr, A(red == Reduction::Mean ? 1.0 / denominator : 1.0));
     });
   });
-  std::vector<int64_t> shape{input.size(0)};
-  for (int64_t d = 2; d < input.dim(); ++d) shape.push_back(input.size(d));
-  return {reduce_loss(rows, red, denominator, shape, input), stats, dx};
+  return {reduce_loss(rows, red, denominator, row_shape(input), input), stats, dx};
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_prob_backward_cpu(
@@ -268,9 +266,7 @@ void cross_entropy_prob_backward_into_cpu(at::Tensor& grad_input, const at::Tens
                                           const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                                           int64_t reduction, double label_smoothing) {
   check_input(input);
-  check_backward_into(grad_input, input, reduction);
-  TORCH_CHECK(grad_loss.numel() == 1, "fused_loss.cross_entropy backward: expected a scalar gradient, got shape ",
-              grad_loss.sizes());
+  check_in_pass_buffer("cross_entropy", " backward_into", grad_input, grad_loss, input, reduction);
   if (grad_loss.item<double>() == 1.0) return;
   grad_input.copy_(std::get<0>(cross_entropy_prob_backward_cpu(grad_loss, input, target, weight, stats, reduction,
                                                                label_smoothing, true, false)));

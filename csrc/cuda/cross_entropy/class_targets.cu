@@ -29,7 +29,7 @@ namespace {
 using namespace fused_loss::ce_args;
 
 // The call's scalars, a double tensor on the device.
-enum Scalar { kDenominator, kWSum, kUpstream, kSkip, kScalars };
+enum Scalar { kDenominator, kWSum, kUpstream, kScalars };
 
 constexpr int kTargetThreads = 256;
 constexpr int kTargetBlocks = 256;
@@ -37,7 +37,6 @@ constexpr int kTargetBlocks = 256;
 template <typename A>
 __global__ void class_targets_kernel(const int64_t* __restrict__ y, int64_t n, int64_t classes, int64_t ignore_index,
                                      const A* __restrict__ w, double* __restrict__ partials) {
-  __shared__ DoubleSum smem[kTargetThreads / kWarp];
   double v = 0;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = y[i];
@@ -46,8 +45,8 @@ __global__ void class_targets_kernel(const int64_t* __restrict__ y, int64_t n, i
     CUDA_KERNEL_ASSERT(ok && "fused_loss.cross_entropy: a target is out of bounds (not in [0, C), nor ignore_index)");
     if (ok) v += w != nullptr ? double(w[t]) : 1.0;
   }
-  const DoubleSum total = block_reduce(DoubleSum{v}, smem, DoubleSum{0.0});
-  if (threadIdx.x == 0) partials[blockIdx.x] = total.v;
+  const double total = block_sum(v);
+  if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
 // One block. upstream: the backward's scalar upstream gradient ('mean'/'sum'), or null (the
@@ -56,15 +55,14 @@ template <typename A>
 __global__ void class_scalars_kernel(const double* __restrict__ partials, int count, const A* __restrict__ w,
                                      int64_t classes, bool mean, const double* __restrict__ upstream,
                                      double* __restrict__ out) {
-  __shared__ DoubleSum smem[kTargetThreads / kWarp];
   double d = 0;
   for (int i = threadIdx.x; i < count; i += blockDim.x) d += partials[i];
-  d = block_reduce(DoubleSum{d}, smem, DoubleSum{0.0}).v;
+  d = block_sum(d);
   double ws = double(classes);
   if (w != nullptr) {
     double v = 0;
     for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) v += double(w[c]);
-    ws = block_reduce(DoubleSum{v}, smem, DoubleSum{0.0}).v;
+    ws = block_sum(v);
   }
   if (threadIdx.x == 0) {
     // 'mean' divides by the summed weight of the counted targets; a zero total gives NaN, loss
@@ -74,7 +72,6 @@ __global__ void class_scalars_kernel(const double* __restrict__ partials, int co
     out[kDenominator] = mean ? den : 1.0;
     out[kWSum] = ws;
     out[kUpstream] = mean ? g / den : g;
-    out[kSkip] = upstream != nullptr && upstream[0] == 1.0 ? 1.0 : 0.0;
   }
 }
 
@@ -95,13 +92,19 @@ struct ClassArgs {
   A* row_stats;         // forward: written (parts x rows); backward: read (max, log_sum)
   const A* grad_rows;   // backward 'none': each row's upstream gradient (else scalars[kUpstream])
   const double* scalars;
+  const double* grad_scalar;  // backward 'mean'/'sum': the upstream gradient, else null
   bool skip_if_one;     // backward into the forward's buffer: nothing to do for an upstream of exactly 1
 
+  __device__ __forceinline__ bool skip() const { return skip_if_one && grad_scalar[0] == 1.0; }
   __device__ __forceinline__ CrossEntropyParams<A> params() const {
     return {smooth, eps, eps_over_c, A(scalars[kWSum]), z_loss};
   }
   __device__ __forceinline__ bool valid(int64_t t) const { return t >= 0 && t < classes; }
   __device__ __forceinline__ A weight(int64_t c) const { return w != nullptr ? w[c] : A(1); }
+  // The target's class weight; NaN for an out-of-range target (reported by the targets' pass).
+  __device__ __forceinline__ A target_weight(int64_t t) const {
+    return valid(t) ? weight(t) : std::numeric_limits<A>::quiet_NaN();
+  }
   __device__ __forceinline__ A upstream(int64_t row) const {
     return grad_rows != nullptr ? grad_rows[row] : A(scalars[kUpstream]);
   }
@@ -118,7 +121,7 @@ struct ClassArgs {
   __device__ __forceinline__ void finish_row(int64_t row, const RowAcc<A>& acc, const RowLse<A>& l, A x_y,
                                              int64_t t) const {
     const CrossEntropyParams<A> p = params();
-    const A w_y = valid(t) ? weight(t) : std::numeric_limits<A>::quiet_NaN();
+    const A w_y = target_weight(t);
     A loss = ce_class_row_loss(p, l, shape.z(x_y), w_y, shift_of(acc.m), acc.lin);
     A z_term = A(0);
     if (p.z_loss != A(0)) {
@@ -149,8 +152,7 @@ struct RowGrad {
 
   __device__ __forceinline__ RowGrad(const ClassArgs<T>& a, const RowLse<A>& l, int64_t row, int64_t t) {
     const CrossEntropyParams<A> p = a.params();
-    const A w_y = a.valid(t) ? a.weight(t) : std::numeric_limits<A>::quiet_NaN();
-    CrossEntropyClassGrad<A> cf = ce_class_grad_coefs(p, a.upstream(row), w_y, l);
+    CrossEntropyClassGrad<A> cf = ce_class_grad_coefs(p, a.upstream(row), a.target_weight(t), l);
     if (isnan(l.log_sum)) cf.a = l.log_sum;  // a NaN row's gradient is NaN (see row_lse)
     // softmax(z)_c = exp(z_c - max) / sum: the division folded into the coefficient.
     max = l.max, scale = cf.a * acc_exp(-l.log_sum), b = cf.b, t_y = cf.t_y;
@@ -195,7 +197,7 @@ template <typename T, Layout L, bool kBackward>
 __global__ void __launch_bounds__(max_threads(L)) class_rows_kernel(ClassArgs<T> a) {
   using A = acc_t<T>;
   __shared__ RowAcc<A> smem[32];
-  if (kBackward && a.skip_if_one && a.scalars[kSkip] != 0.0) return;
+  if (kBackward && a.skip()) return;
   RowGroup g;
   int64_t row;
   if (!group_row<L>(a.rows, g, row)) return;
@@ -231,7 +233,7 @@ __global__ void __launch_bounds__(max_threads(L)) class_rows_kernel(ClassArgs<T>
 template <typename T, bool kBackward>
 __global__ void class_thread_rows_kernel(ClassArgs<T> a) {
   using A = acc_t<T>;
-  if (kBackward && a.skip_if_one && a.scalars[kSkip] != 0.0) return;
+  if (kBackward && a.skip()) return;
   const int64_t C = a.classes, inner = a.inner;
   for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < a.rows;
        row += int64_t(gridDim.x) * blockDim.x) {
@@ -287,11 +289,10 @@ ClassCall prepare(const at::Tensor& input, const at::Tensor& target, const std::
   ClassCall c;
   c.g = geometry(input);
   check_class_target(target, input, c.g);
-  check_class_weight(weight, input, c.g.classes);
   const auto acc = at::toOpMathType(input.scalar_type());
   c.x = input.contiguous();
   c.y = target.to(at::kLong).contiguous();
-  if (weight.has_value() && weight->defined()) c.w = weight->contiguous().to(acc);
+  c.w = acc_weights(weight, input, c.g.classes);
   c.scalars = at::empty({kScalars}, input.options().dtype(at::kDouble));
   const int64_t rows = c.g.rows();
   const int blocks = grid_for(rows, kTargetThreads, kTargetBlocks);
@@ -412,6 +413,7 @@ void backward_into(const at::Tensor& dx, const at::Tensor& grad_loss, const at::
     a.dx = dx.data_ptr<scalar_t>();
     a.row_stats = st.data_ptr<A>();  // read only in the backward
     a.grad_rows = u.rows.defined() ? u.rows.data_ptr<A>() : nullptr;
+    a.grad_scalar = u.scalar.defined() ? u.scalar.data_ptr<double>() : nullptr;
     a.skip_if_one = skip_if_one && red != Reduction::None;
     launch<scalar_t, true>(a);
   });
@@ -435,7 +437,7 @@ void cross_entropy_backward_into_cuda(at::Tensor& grad_input, const at::Tensor& 
                                       double label_smoothing, std::optional<double> softcap, double temperature,
                                       double z_loss) {
   check_cuda_input(input);
-  check_backward_into(grad_input, input, reduction);
+  check_in_pass_buffer("cross_entropy", " backward_into", grad_input, grad_loss, input, reduction);
   const c10::cuda::CUDAGuard guard(input.device());
   backward_into(grad_input, grad_loss, input, target, weight, stats, reduction, ignore_index, label_smoothing,
                 softcap, temperature, z_loss, true);

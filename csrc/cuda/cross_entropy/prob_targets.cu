@@ -166,6 +166,11 @@ void launch(const ProbArgs<T>& a) {
   });
 }
 
+// 'mean' divides by the rows (0 / 0 for no elements: NaN, as torch); else 1.
+double mean_denominator(Reduction red, const at::Tensor& input, const Geometry& g) {
+  return red == Reduction::Mean ? (input.numel() == 0 ? 0.0 : double(g.rows())) : 1.0;
+}
+
 template <typename T>
 ProbArgs<T> make_args(const at::Tensor& x, const at::Tensor& t, const at::Tensor& w, const Geometry& g,
                       double label_smoothing, Reduction red) {
@@ -178,21 +183,8 @@ ProbArgs<T> make_args(const at::Tensor& x, const at::Tensor& t, const at::Tensor
   const bool smooth = label_smoothing > 0.0;  // torch applies no smoothing for values <= 0
   a.ome = A(1) - (smooth ? A(label_smoothing) : A(0));
   a.eps_over_c = smooth ? A(label_smoothing / double(g.classes)) : A(0);
-  // 'mean' divides by the rows (0 / 0 for no elements: NaN, as torch).
-  a.denominator = red == Reduction::Mean ? (x.numel() == 0 ? 0.0 : double(g.rows())) : 1.0;
+  a.denominator = mean_denominator(red, x, g);
   return a;
-}
-
-at::Tensor weights_of(const std::optional<at::Tensor>& weight, const at::Tensor& input, int64_t classes) {
-  check_class_weight(weight, input, classes);
-  if (!weight.has_value() || !weight->defined()) return {};
-  return weight->contiguous().to(at::toOpMathType(input.scalar_type()));
-}
-
-std::vector<int64_t> row_shape(const at::Tensor& input) {
-  std::vector<int64_t> shape{input.size(0)};
-  for (int64_t d = 2; d < input.dim(); ++d) shape.push_back(input.size(d));
-  return shape;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_cuda(
@@ -204,17 +196,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_cuda(
   const Reduction red = to_reduction(reduction);
   const Geometry g = geometry(input);
   const c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor x = input.contiguous(), t = target.contiguous(), w = weights_of(weight, input, g.classes);
+  const at::Tensor x = input.contiguous(), t = target.contiguous(), w = acc_weights(weight, input, g.classes);
   const auto acc = at::toOpMathType(input.scalar_type());
   at::Tensor stats = at::empty({3, g.rows()}, input.options().dtype(acc));
   at::Tensor rows = at::empty({g.rows()}, input.options().dtype(acc));
   const bool in_pass = compute_grad && red != Reduction::None;
   at::Tensor dx = in_pass ? at::empty(input.sizes(), input.options()) : at::empty({0}, input.options());
-  double denominator = 1;
   if (g.classes == 0) {  // torch: a loss of (-)0 per row; its mean over rows is 0 / rows
     rows.fill_(-0.0);
     stats.zero_();
-    denominator = red == Reduction::Mean ? (input.numel() == 0 ? 0.0 : double(g.rows())) : 1.0;
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_prob_forward", [&] {
       using A = acc_t<scalar_t>;
@@ -222,11 +212,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_prob_forward_cuda(
       a.dx = in_pass ? dx.data_ptr<scalar_t>() : nullptr;
       a.loss_rows = rows.data_ptr<A>();
       a.row_stats = stats.data_ptr<A>();
-      denominator = a.denominator;
       launch<scalar_t, false>(a);
     });
   }
-  return {reduce_rows(rows, red, nullptr, denominator, row_shape(input), input.scalar_type(), false), stats, dx};
+  return {reduce_rows(rows, red, nullptr, mean_denominator(red, input, g), row_shape(input), input.scalar_type(),
+                      false),
+          stats, dx};
 }
 
 // The backward into dx and dt (each undefined when not asked for); into_buffer: dx is the
@@ -242,7 +233,7 @@ void backward_into(const at::Tensor& dx, const at::Tensor& dt, const at::Tensor&
   const at::Tensor st = check_stats(stats, "stats", 3, g, acc);
   check_same_device(st, input, "stats");
   check_same_device(grad_loss, input, "the upstream gradient");
-  const at::Tensor x = input.contiguous(), t = target.contiguous(), w = weights_of(weight, input, g.classes);
+  const at::Tensor x = input.contiguous(), t = target.contiguous(), w = acc_weights(weight, input, g.classes);
   const DeviceUpstream u = device_upstream(grad_loss, red, g.rows(), acc);
   if ((!dx.defined() && !dt.defined()) || input.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_loss_cross_entropy_prob_backward", [&] {
@@ -275,7 +266,7 @@ void cross_entropy_prob_backward_into_cuda(at::Tensor& grad_input, const at::Ten
                                            const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                                            int64_t reduction, double label_smoothing) {
   check_input(input, c10::DeviceType::CUDA, "CUDA");
-  check_backward_into(grad_input, input, reduction);
+  check_in_pass_buffer("cross_entropy", " backward_into", grad_input, grad_loss, input, reduction);
   const c10::cuda::CUDAGuard guard(input.device());
   backward_into(grad_input, at::Tensor(), grad_loss, input, target, weight, stats, reduction, label_smoothing, true);
 }

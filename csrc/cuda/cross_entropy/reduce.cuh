@@ -8,6 +8,7 @@
 
 #include "../cuda_common.cuh"
 #include "fused_loss/common.h"
+#include "fused_loss/cross_entropy_args.h"
 
 namespace fused_loss::cuda::ce {
 
@@ -16,13 +17,12 @@ constexpr int kReduceBlocks = 1024;
 
 template <typename A>
 __global__ void sum_rows_kernel(const A* __restrict__ rows, int64_t n, double* __restrict__ partials) {
-  __shared__ DoubleSum smem[kReduceThreads / kWarp];
   double v = -0.0;  // the additive identity: a sum of -0 terms stays -0, as torch's
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     v += double(rows[i]);
   }
-  const DoubleSum total = block_reduce(DoubleSum{v}, smem, DoubleSum{-0.0});
-  if (threadIdx.x == 0) partials[blockIdx.x] = total.v;
+  const double total = block_sum(v);
+  if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
 // One block. denominator: on the device (read there), or null for host_denominator. nan: the
@@ -31,13 +31,12 @@ template <typename Out>
 __global__ void finish_loss_kernel(const double* __restrict__ partials, int count,
                                    const double* __restrict__ denominator, double host_denominator, bool nan,
                                    Out* __restrict__ out) {
-  __shared__ DoubleSum smem[kReduceThreads / kWarp];
   double v = -0.0;
   for (int i = threadIdx.x; i < count; i += blockDim.x) v += partials[i];
-  const DoubleSum total = block_reduce(DoubleSum{v}, smem, DoubleSum{-0.0});
+  const double total = block_sum(v);
   if (threadIdx.x == 0) {
     const double d = denominator != nullptr ? *denominator : host_denominator;
-    out[0] = static_cast<Out>(nan ? std::numeric_limits<double>::quiet_NaN() : total.v / d);  // 0 / 0: NaN, as torch
+    out[0] = static_cast<Out>(nan ? std::numeric_limits<double>::quiet_NaN() : total / d);  // 0 / 0: NaN, as torch
   }
 }
 
@@ -84,13 +83,10 @@ struct DeviceUpstream {
 inline DeviceUpstream device_upstream(const at::Tensor& grad_loss, Reduction red, int64_t rows,
                                       at::ScalarType acc) {
   DeviceUpstream u;
+  ce_args::check_upstream(grad_loss, red, rows);
   if (red == Reduction::None) {
-    TORCH_CHECK(grad_loss.numel() == rows, "fused_loss.cross_entropy backward: expected a gradient with ", rows,
-                " elements for reduction='none', got shape ", grad_loss.sizes());
     u.rows = grad_loss.reshape(-1).to(acc).contiguous();
   } else {
-    TORCH_CHECK(grad_loss.numel() == 1, "fused_loss.cross_entropy backward: expected a scalar gradient, got shape ",
-                grad_loss.sizes());
     u.scalar = grad_loss.reshape({1}).to(at::kDouble).contiguous();
   }
   return u;

@@ -10,20 +10,19 @@
 
 namespace fused_loss {
 
-// Moving a row's sums between the lanes of a warp (warp_reduce; beside RowAcc, for lookup).
+// Moving a row's sums between the lanes of a warp (warp_reduce; beside RowAcc, for lookup):
+// each sum moved by `move`.
+template <typename A, typename Move>
+__device__ __forceinline__ RowAcc<A> moved(const RowAcc<A>& a, Move move) {
+  return {move(a.m), move(a.s), move(a.h), move(a.lin), move(a.wsum), move(a.raw), a.stats, a.linear};
+}
 template <typename A>
 __device__ __forceinline__ RowAcc<A> shfl_down(const RowAcc<A>& a, int d) {
-  constexpr unsigned kAll = 0xffffffffu;
-  return {__shfl_down_sync(kAll, a.m, d),   __shfl_down_sync(kAll, a.s, d),    __shfl_down_sync(kAll, a.h, d),
-          __shfl_down_sync(kAll, a.lin, d), __shfl_down_sync(kAll, a.wsum, d), __shfl_down_sync(kAll, a.raw, d),
-          a.stats, a.linear};
+  return moved(a, [d](A v) { return __shfl_down_sync(0xffffffffu, v, d); });
 }
 template <typename A>
 __device__ __forceinline__ RowAcc<A> shfl(const RowAcc<A>& a, int lane) {
-  constexpr unsigned kAll = 0xffffffffu;
-  return {__shfl_sync(kAll, a.m, lane),   __shfl_sync(kAll, a.s, lane),    __shfl_sync(kAll, a.h, lane),
-          __shfl_sync(kAll, a.lin, lane), __shfl_sync(kAll, a.wsum, lane), __shfl_sync(kAll, a.raw, lane),
-          a.stats, a.linear};
+  return moved(a, [lane](A v) { return __shfl_sync(0xffffffffu, v, lane); });
 }
 
 }  // namespace fused_loss

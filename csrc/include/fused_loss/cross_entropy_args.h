@@ -10,6 +10,8 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include "common.h"
+
 namespace fused_loss::ce_args {
 
 // The input viewed as (outer, C, inner): (N, C) has inner == 1; (N, C, d1..dk) has
@@ -54,6 +56,20 @@ inline void check_class_weight(const std::optional<at::Tensor>& weight, const at
   check_same_device(*weight, input, "weight");
 }
 
+// The rows' shape of an (N, C, d1, ..., dk) input: (N, d1, ..., dk), a class target's and a loss's.
+inline std::vector<int64_t> row_shape(const at::Tensor& input) {
+  std::vector<int64_t> shape{input.size(0)};
+  for (int64_t d = 2; d < input.dim(); ++d) shape.push_back(input.size(d));
+  return shape;
+}
+
+// Class weights checked and in the accumulation type, on the input's device (undefined when absent).
+inline at::Tensor acc_weights(const std::optional<at::Tensor>& weight, const at::Tensor& input, int64_t classes) {
+  check_class_weight(weight, input, classes);
+  if (!weight.has_value() || !weight->defined()) return {};
+  return weight->contiguous().to(at::toOpMathType(input.scalar_type()));
+}
+
 // Class-index targets: dtype and shape (torch's messages). Their values are checked by each
 // backend before any kernel indexes through them.
 inline void check_class_target(const at::Tensor& target, const at::Tensor& input, const Geometry& g) {
@@ -61,8 +77,7 @@ inline void check_class_target(const at::Tensor& target, const at::Tensor& input
               "expected target dtype to be Long or Byte, but got ", target.scalar_type());
   TORCH_CHECK_VALUE(target.dim() >= 1 && target.size(0) == g.outer, "Expected input batch_size (", g.outer,
                     ") to match target batch_size (", target.dim() >= 1 ? target.size(0) : 0, ").");
-  std::vector<int64_t> expected{input.size(0)};
-  for (int64_t d = 2; d < input.dim(); ++d) expected.push_back(input.size(d));
+  const std::vector<int64_t> expected = row_shape(input);
   TORCH_CHECK(target.sizes() == at::IntArrayRef(expected), "Expected target size ", at::IntArrayRef(expected),
               ", got ", target.sizes());
   check_same_device(target, input, "target");
@@ -129,14 +144,15 @@ inline void check_in_place(const at::Tensor& input, int64_t reduction) {
               " and reduction ", reduction);
 }
 
-// The buffer of cross_entropy_backward_into: the forward's in-pass gradient (contiguous, the
-// input's shape, dtype and device), for reductions 'mean' and 'sum'.
-inline void check_backward_into(const at::Tensor& grad_input, const at::Tensor& input, int64_t reduction) {
-  TORCH_CHECK(reduction != 0 && grad_input.is_contiguous() && grad_input.sizes() == input.sizes() &&
-                  grad_input.scalar_type() == input.scalar_type() && grad_input.device() == input.device(),
-              "fused_loss.cross_entropy backward_into: expected the forward's gradient (contiguous, of the input's "
-              "shape, dtype and device) and reduction 'mean' or 'sum', got ", grad_input.scalar_type(), " of shape ",
-              grad_input.sizes(), " on ", grad_input.device(), " and reduction ", reduction);
+// A backward's upstream gradient: one per row ('none'), else a scalar.
+inline void check_upstream(const at::Tensor& grad_loss, Reduction red, int64_t rows) {
+  if (red == Reduction::None) {
+    TORCH_CHECK(grad_loss.numel() == rows, "fused_loss.cross_entropy backward: expected a gradient with ", rows,
+                " elements for reduction='none', got shape ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, "fused_loss.cross_entropy backward: expected a scalar gradient, got shape ",
+                grad_loss.sizes());
+  }
 }
 
 }  // namespace fused_loss::ce_args

@@ -19,20 +19,6 @@ Huber huber(double delta) {
   return {delta};
 }
 
-// <loss>_backward_into's buffer: the forward's in-pass gradient of the input (contiguous, the
-// input's shape, dtype and device), for reductions 'mean' and 'sum' and a scalar upstream gradient.
-void check_backward_into(const char* name, const Tensor& buffer, const Tensor& grad, const Tensor& input,
-                         int64_t red) {
-  TORCH_CHECK(red != 0 && buffer.is_contiguous() && buffer.sizes() == input.sizes() &&
-                  buffer.scalar_type() == input.scalar_type() && buffer.device() == input.device(),
-              "fused_loss.", name, "_backward_into: expected the forward's gradient (contiguous, of the input's "
-              "shape, dtype and device) and reduction 'mean' or 'sum', got ", buffer.scalar_type(), " of shape ",
-              buffer.sizes(), " on ", buffer.device(), " and reduction ", red);
-  TORCH_CHECK(grad.numel() == 1 && grad.device() == input.device(), "fused_loss.", name,
-              "_backward_into: expected a scalar upstream gradient on ", input.device(), ", got shape ",
-              grad.sizes(), " on ", grad.device());
-}
-
 // ---------------------------------------------------------------------------------
 // Operator entry points
 
@@ -48,7 +34,7 @@ TensorPair bce_backward(const Tensor& g, const Tensor& x, const Tensor& y, const
 }
 void bce_backward_into(Tensor& buffer, const Tensor& g, const Tensor& x, const Tensor& y, const OptTensor& w,
                        const OptTensor& pw, int64_t red) {
-  check_backward_into(kBce, buffer, g, x, red);
+  check_in_pass_buffer(kBce, "_backward_into", buffer, g, x, red);
   backward_into_entry(kBce, BceWithLogits{pw.has_value()}, buffer, g, x, y, w, pw, red);
 }
 TensorPair smooth_l1_forward(const Tensor& x, const Tensor& y, int64_t red, double beta, bool grad) {
@@ -60,7 +46,7 @@ TensorPair smooth_l1_backward(const Tensor& g, const Tensor& x, const Tensor& y,
 }
 void smooth_l1_backward_into(Tensor& buffer, const Tensor& g, const Tensor& x, const Tensor& y, int64_t red,
                              double beta) {
-  check_backward_into("smooth_l1_loss", buffer, g, x, red);
+  check_in_pass_buffer("smooth_l1_loss", "_backward_into", buffer, g, x, red);
   backward_into_entry("smooth_l1_loss", smooth_l1(beta), buffer, g, x, y, kNone, kNone, red);
 }
 TensorPair huber_forward(const Tensor& x, const Tensor& y, const OptTensor& w, int64_t red, double delta, bool grad) {
@@ -72,7 +58,7 @@ TensorPair huber_backward(const Tensor& g, const Tensor& x, const Tensor& y, con
 }
 void huber_backward_into(Tensor& buffer, const Tensor& g, const Tensor& x, const Tensor& y, const OptTensor& w,
                          int64_t red, double delta) {
-  check_backward_into("huber_loss", buffer, g, x, red);
+  check_in_pass_buffer("huber_loss", "_backward_into", buffer, g, x, red);
   backward_into_entry("huber_loss", huber(delta), buffer, g, x, y, w, kNone, red);
 }
 TensorPair focal_forward(const Tensor& x, const Tensor& y, int64_t red, double alpha, double gamma, bool grad) {
@@ -85,7 +71,7 @@ TensorPair focal_backward(const Tensor& g, const Tensor& x, const Tensor& y, int
 
 void focal_backward_into(Tensor& buffer, const Tensor& g, const Tensor& x, const Tensor& y, int64_t red, double alpha,
                          double gamma) {
-  check_backward_into("sigmoid_focal_loss", buffer, g, x, red);
+  check_in_pass_buffer("sigmoid_focal_loss", "_backward_into", buffer, g, x, red);
   backward_into_entry("sigmoid_focal_loss", SigmoidFocal{alpha, gamma}, buffer, g, x, y, kNone, kNone, red);
 }
 
