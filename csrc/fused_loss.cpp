@@ -6,11 +6,20 @@
 #include <torch/library.h>
 
 // `import fused_loss._C` loads this shared library, which runs the registrations below.
-// No functions are bound: ops are reached through torch.ops.fused_loss.
+// No functions are bound: ops are reached through torch.ops.fused_loss. One constant is:
+// _C.CPU_CAPABILITY, the vector extension the CPU kernels were built for (setup.py).
+#ifndef FUSED_LOSS_CPU_CAPABILITY
+#define FUSED_LOSS_CPU_CAPABILITY "DEFAULT"
+#endif
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddStringConstant(m, "CPU_CAPABILITY", FUSED_LOSS_CPU_CAPABILITY) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 }
 

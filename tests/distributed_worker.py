@@ -4,6 +4,7 @@ slice of the classes, and compares fused_loss's vocab-parallel results with the 
 failures are written to the output file (one JSON list per rank), so one pair of processes checks
 every case."""
 import datetime
+import functools
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 import fused_loss
 from fused_loss import reference
+from helpers import assert_close_to_torch  # tests/ is this script's directory: on sys.path
 
 OPTIONS = [
     dict(),
@@ -160,14 +162,21 @@ def check_batched_and_bitwise_equal(rank, world):
     start = sum(sizes[:rank])
     logits, target, *_ = full_case(6, torch.float32, rows=30, classes=sum(sizes))
     logits, target = logits.reshape(5, 6, -1), target.reshape(5, 6)
-    full = logits.clone().requires_grad_()
-    want = F.cross_entropy(full.transpose(1, 2), target, label_smoothing=0.1)  # torch's (N, C, d) layout
-    want.backward()
-    shard = logits[..., start:start + sizes[rank]].clone().requires_grad_()
+    mine = slice(start, start + sizes[rank])
+
+    def unsharded_loss_and_grad(logits):
+        full = logits.clone().requires_grad_()
+        want = F.cross_entropy(full.transpose(1, 2), target, label_smoothing=0.1)  # torch's (N, C, d) layout
+        want.backward()
+        return want.detach(), full.grad[..., mine]
+
+    want, want_grad = unsharded_loss_and_grad(logits)
+    float64 = functools.cache(lambda: unsharded_loss_and_grad(logits.double()))  # tests/helpers.py's rule
+    shard = logits[..., mine].clone().requires_grad_()
     got = fused_loss.vocab_parallel_cross_entropy(shard, target, label_smoothing=0.1)
     got.backward()
-    close(got, want.detach(), "batched loss", atol=1e-5, rtol=1e-5)
-    close(shard.grad, full.grad[..., start:start + sizes[rank]], "batched grad", atol=1e-6, rtol=1e-5)
+    assert_close_to_torch(got.detach(), want, lambda: float64()[0], "batched loss", tol=dict(atol=1e-5, rtol=1e-5))
+    assert_close_to_torch(shard.grad, want_grad, lambda: float64()[1], "batched grad", tol=dict(atol=1e-6, rtol=1e-5))
     per_row = fused_loss.vocab_parallel_cross_entropy(shard.detach(), target, reduction="none", z_loss=1e-3)
     assert per_row.shape == target.shape, per_row.shape
     for mine in (got.detach(), per_row):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_loss
+from helpers import assert_close_to_torch, float64_reference
 
 HALF = [torch.bfloat16, torch.float16]
 
@@ -21,12 +22,13 @@ def _data(dtype, seed=0):
     return x, y, t, w
 
 
-def _cases(x, y, t, w):
+def _cases(x, y, t, w, float32=torch.float32):
+    """float32: the dtype of the float32 weight (float64 in the float64 reference)."""
     k = x.view(3, 4, 10).transpose(1, 2)  # (N, C, d)
     return {
         "ce": (lambda f, x: f.cross_entropy(x, y, weight=w, label_smoothing=0.1), x),
         "ce none": (lambda f, x: f.cross_entropy(x, y, reduction="none"), x),
-        "ce float32 weight": (lambda f, x: f.cross_entropy(x, y, weight=w.float(), reduction="sum"), x),
+        "ce float32 weight": (lambda f, x: f.cross_entropy(x, y, weight=w.to(float32), reduction="sum"), x),
         "ce (N, C, d)": (lambda f, x: f.cross_entropy(x, y.view(3, 4)), k),
         "ce probabilities": (lambda f, x: f.cross_entropy(x, t, label_smoothing=0.05), x),
         "bce": (lambda f, x: f.binary_cross_entropy_with_logits(x, t, pos_weight=w), x),
@@ -50,8 +52,15 @@ def test_autocast_dtype_value_and_gradient_as_torch(case, dtype):
     (want, want_grad), (got, got_grad) = results
     assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape
     assert got_grad.dtype == want_grad.dtype == dtype
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_close_to_torch(got, want, float64_reference(_float64_loss, case, *_data(dtype)), "loss",
+                          tol=dict(atol=1e-6, rtol=1e-5))
     torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=1e-2, atol=1e-3)
+
+
+def _float64_loss(case, x, y, t, w):
+    """torch's loss of the case on float64 arguments (no autocast): the reference of its float32 loss."""
+    fn, x = _cases(x, y, t, w, float32=torch.float64)[case]
+    return fn(F, x)
 
 
 def test_autocast_off_for_the_device_keeps_the_input_dtype():
@@ -74,4 +83,6 @@ def test_autocast_under_compile():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = F.cross_entropy(x, y, weight=w)
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, want)
+    # torch.testing.assert_close's float32 default, kept
+    assert_close_to_torch(loss, want, float64_reference(F.cross_entropy, x, y, weight=w), "loss",
+                          tol=dict(atol=1e-5, rtol=1.3e-6))

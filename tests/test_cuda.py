@@ -80,13 +80,16 @@ def test_bitwise_deterministic(name):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
-@pytest.mark.parametrize("upstream", [1.0, 0.5])
+# bf16 upstreams: 1.001 rounds to 1 in bf16 and 0.1 to 0.10009765625, so an upstream read in the
+# input's dtype would keep a stale buffer or scale wrongly; it is read as a double, as on the CPU.
+@pytest.mark.parametrize("dtype, upstream", [(torch.float32, 1.0), (torch.float32, 0.5), (torch.bfloat16, 1.001),
+                                             (torch.bfloat16, 0.1)], ids=str)
 @pytest.mark.parametrize("name", ["binary_cross_entropy_with_logits", "smooth_l1_loss", "huber_loss",
                                   "sigmoid_focal_loss"])
-def test_backward_into(name, upstream):
+def test_backward_into(name, dtype, upstream):
     """The forward's in-pass gradient is kept for an upstream gradient of exactly 1 (checked on the
-    device) and recomputed otherwise: the bits of the backward op."""
-    x, t, kw = _case(torch.float32)
+    device) and recomputed otherwise: the bits of the backward op, which agrees with the CPU's."""
+    x, t, kw = _case(dtype)
     x, t = x.cuda(), t.cuda()
     extra = {"binary_cross_entropy_with_logits": (kw["w"].cuda(), kw["pw"].cuda(), 1),
              "smooth_l1_loss": (1, 0.5), "huber_loss": (kw["w_full"].cuda(), 1, 0.7),
@@ -100,6 +103,9 @@ def test_backward_into(name, upstream):
     buffer.fill_(7.0)  # a sentinel: kept for an upstream of 1 (decided on the device), overwritten otherwise
     into(buffer, g, x, t, *extra)
     assert torch.equal(buffer, torch.full_like(buffer, 7.0) if upstream == 1.0 else want)
+    cpu_extra = tuple(e.cpu() if torch.is_tensor(e) else e for e in extra)
+    on_cpu = bwd(torch.tensor(upstream, dtype=torch.float64), x.cpu(), t.cpu(), *cpu_extra, True, False)[0]
+    torch.testing.assert_close(want.cpu(), on_cpu, **({} if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)))
 
 
 def _capture_and_replay(step, x):
@@ -144,7 +150,7 @@ def test_cuda_graph_capture_of_forward_and_backward():
 
 def test_bad_input_on_cuda_raises():
     x = torch.randn(4, 5, device="cuda")
-    with pytest.raises((RuntimeError, ValueError), match="Target size|must be the same"):
+    with pytest.raises((RuntimeError, ValueError), match="must match the size"):  # torch's broadcast error
         fused_loss.smooth_l1_loss(x, torch.randn(4, 6, device="cuda"))
     with pytest.raises(RuntimeError, match="device"):
         torch.ops.fused_loss.smooth_l1_loss_forward(x, torch.randn(4, 5), 1, 1.0, False)
@@ -367,3 +373,15 @@ def test_linear_cross_entropy_cuda_equals_cpu(dtype, reduction, rtol, atol):
         grads = torch.autograd.grad(loss, (hd, wd, bd), up)
         results.append([loss.detach().cpu(), *[t.cpu() for t in grads]])
     _assert_all_close(results[1], results[0], rtol, atol)
+
+
+def test_float16_sum_past_its_range_is_inf_on_cuda():
+    """As on the CPU (tests/test_precision.py): a float16 'sum' past 65504 is inf, its 'mean' finite."""
+    from test_precision import _float16_cases
+    for name, (x, t, kw) in _float16_cases(1000.0).items():
+        fn = getattr(fused_loss, name.replace("_kdim", "").replace("_probs", ""))
+        for reduction in ("sum", "mean"):
+            cpu = fn(x, t, reduction=reduction, **kw)
+            cuda = fn(x.cuda(), t.cuda(), reduction=reduction, **kw).cpu()
+            assert cuda.dtype == torch.float16 and bool(cuda.isinf()) == (reduction == "sum"), (name, reduction, cuda)
+            torch.testing.assert_close(cuda, cpu, rtol=1e-3, atol=0)

@@ -6,11 +6,12 @@ gives torch's result -- value, gradient of every floating argument, dtype, shape
 requires_grad, the broadcast warning -- within the dtype's tolerance, or both raise (any
 exception type). Raising on only one side is a failure, either way round.
 
-Tolerances follow tests/helpers.py, taken at the least precise floating dtype among the tensor
-arguments (input, target, weights) and the result: float64 / float32 -> helpers.TOL against
-torch's result (NaN where torch has NaN); bfloat16 / float16 -> the error against a float64
-reference (torch on the upcast inputs) at most twice torch's own error plus one rounding step,
-and inf / NaN only where torch or the reference has them.
+Tolerances are tests/helpers.py's rule (assert_close_to_torch), taken at the least precise
+floating dtype among the tensor arguments (input, target, weights) and the result: float64 ->
+helpers.TOL against torch's result (NaN where torch has NaN); float32 -> the same, or, value by
+value, an error against a float64 reference (torch on the upcast inputs) at most twice torch's own
+error plus one rounding step; bfloat16 / float16 -> that float64 rule alone. inf / NaN only where
+torch or the reference has them.
 
 A discrepancy is never worked around here: the test fails and hypothesis shrinks it. Where
 torch's own behaviour is a bug, the oracle is torch with that bug taken out, each written out
@@ -33,10 +34,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 import fused_loss  # noqa: E402
 from fused_loss import reference  # noqa: E402
-from helpers import TOL, upstream  # noqa: E402
+from helpers import REDUCED, assert_close_to_torch, upstream  # noqa: E402
 
 FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-REDUCED = (torch.bfloat16, torch.float16)
 MAX_NUMEL = 300
 
 # --- strategies -------------------------------------------------------------------------------
@@ -237,53 +237,17 @@ def _precision(tensors):
     return torch.float64 if fl else None
 
 
-def _closer_to_reference(ours, theirs, ref, low):
-    """Every element of ours at least as close to the float64 reference as torch's (within the
-    dtype's tolerance), NaN only where torch or the reference has NaN."""
-    o, t, r = ours.double(), theirs.double(), ref.double()
-    tol = TOL[low]["atol"] + TOL[low]["rtol"] * r.abs()
-    nan_ok = ~torch.isnan(o) | torch.isnan(t) | torch.isnan(r)
-    same = (o == r) | (o == t) | (torch.isnan(o) & (torch.isnan(t) | torch.isnan(r)))
-    return bool((nan_ok & (same | ((o - r).abs() <= (t - r).abs() + tol))).all())
-
-
 def compare(ours, theirs, ref, low, what, terms=1):
-    """terms: how many rounded values autograd summed into each element (a broadcast argument's
-    gradient); the 16-bit slack grows with it."""
+    """helpers.assert_close_to_torch's rule for the least precise dtype `low` of the arguments; terms:
+    how many rounded values autograd summed into each element (a broadcast argument's gradient)."""
     if ours.dtype != theirs.dtype:
         fail(f"{what}: dtype {ours.dtype} (ours) != {theirs.dtype} (torch)")
     if ours.shape != theirs.shape:
         fail(f"{what}: shape {tuple(ours.shape)} (ours) != {tuple(theirs.shape)} (torch)")
-    if low not in REDUCED:
-        try:
-            torch.testing.assert_close(ours, theirs, equal_nan=True, check_dtype=False, **TOL.get(low, {}))
-        except AssertionError as e:
-            # Better-conditioned is accepted: torch's float32 result can carry its intermediates'
-            # rounding (e.g. BCE rounds (1 - y) * x to a float32 target's dtype before subtracting).
-            if ref is None or not _closer_to_reference(ours, theirs, ref, low):
-                fail(f"{what} ({low} tolerance): {e}\nours={_fmt(ours)} torch={_fmt(theirs)} ref={_fmt(ref)}")
-        return
-    o, t, r = ours.double(), theirs.double(), ref.double()
-    # Non-finite values: ours may be inf/nan only where torch or the reference is the same; ours
-    # may be finite where torch is not only if the reference is finite (torch overflowed).
-    same = lambda a, b: (a == b) | (torch.isnan(a) & torch.isnan(b))  # noqa: E731
-    bad = ((~torch.isfinite(o) & ~same(o, t) & ~same(o, r))
-           | (torch.isfinite(o) & ~torch.isfinite(t) & ~torch.isfinite(r)))
-    if bad.any():
-        i = tuple(bad.nonzero()[0].tolist())
-        fail(f"{what}: non-finite mismatch at {list(i)}: ours {o[i].item()}, torch {t[i].item()}, "
-             f"float64 reference {r[i].item()}")
-    fin = torch.isfinite(o) & torch.isfinite(t)
-    err_o, err_t = (o - r).abs()[fin], (t - r).abs()[fin]
-    slack = torch.finfo(low).eps * (r.abs()[fin] + 1e-3)
-    if terms > 1:  # a sum of `terms` rounded values, which may cancel: scale by the tensor's magnitude
-        mag = r.abs()[fin]
-        slack = torch.finfo(low).eps * terms * (mag + (mag.max() if mag.numel() else 0.0) + 1e-3)
-    bad = err_o > 2 * err_t + slack
-    if bad.any():
-        fail(f"{what} ({low} rule): {int(bad.sum())} values with error above twice torch's: worst ours "
-             f"{err_o.max().item():.3g}, torch {err_t.max().item():.3g}\nours={_fmt(ours)} torch={_fmt(theirs)} "
-             f"ref={_fmt(ref)}")
+    try:
+        assert_close_to_torch(ours, theirs, ref, what, precision=low, terms=terms)
+    except AssertionError as e:
+        fail(f"{e}\nours={_fmt(ours)} torch={_fmt(theirs)} ref={_fmt(ref)}")
 
 
 def check(ours_fn, torch_fn, tensors, kwargs=None, grads=None, lays=None, backward=True):

@@ -147,3 +147,94 @@ def test_torch_func_and_forward_ad_under_torch_compile():
 
     torch.testing.assert_close(torch.compile(lambda: tangent(fused_loss.cross_entropy))(),
                                tangent(F.cross_entropy))
+
+
+# --- the second derivative of every optional argument -----------------------------------------
+# Every second derivative runs the composite formulas (fused_loss/composite.py), not the kernels:
+# each optional argument of each loss is held to torch's second derivative here (a mistake there,
+# such as Huber's weight dropped, changes no first derivative and no value).
+W_FULL = torch.rand(4, 5, dtype=torch.float64, generator=GEN) + 0.5
+T_IGNORED = torch.tensor([1, -100, 4, 0])
+T_KDIM = torch.tensor([[0, 3], [-100, 1]])
+
+
+def _ce_formula(x, t, **kw):
+    from test_cross_entropy_options import torch_formula  # the options written in torch ops
+    return torch_formula(x, t, **kw)
+
+
+# name -> (fused_loss's loss, torch's): functions of x, or of (x, y) where y has a gradient.
+OPTION_CASES = {
+    "ce weight": (lambda x: fused_loss.cross_entropy(x, T, weight=W), lambda x: F.cross_entropy(x, T, weight=W)),
+    "ce label_smoothing": (lambda x: fused_loss.cross_entropy(x, T, label_smoothing=0.3),
+                           lambda x: F.cross_entropy(x, T, label_smoothing=0.3)),
+    "ce ignore_index, weight, smoothing, sum": (
+        lambda x: fused_loss.cross_entropy(x, T_IGNORED, weight=W, label_smoothing=0.2, reduction="sum"),
+        lambda x: F.cross_entropy(x, T_IGNORED, weight=W, label_smoothing=0.2, reduction="sum")),
+    "ce ignore_index=1, none": (lambda x: fused_loss.cross_entropy(x, T, ignore_index=1, reduction="none"),
+                                lambda x: F.cross_entropy(x, T, ignore_index=1, reduction="none")),
+    "ce kdim weight, smoothing": (
+        lambda x: fused_loss.cross_entropy(x.reshape(2, 5, 2), T_KDIM, weight=W, label_smoothing=0.1),
+        lambda x: F.cross_entropy(x.reshape(2, 5, 2), T_KDIM, weight=W, label_smoothing=0.1)),
+    "ce softcap": (lambda x: fused_loss.cross_entropy(x, T, softcap=1.5), lambda x: _ce_formula(x, T, softcap=1.5)),
+    "ce temperature": (lambda x: fused_loss.cross_entropy(x, T, temperature=0.6),
+                       lambda x: _ce_formula(x, T, temperature=0.6)),
+    "ce z_loss": (lambda x: fused_loss.cross_entropy(x, T_IGNORED, weight=W, z_loss=0.1),
+                  lambda x: _ce_formula(x, T_IGNORED, weight=W, z_loss=0.1)),
+    "ce every option": (
+        lambda x: fused_loss.cross_entropy(x, T_IGNORED, weight=W, label_smoothing=0.1, softcap=2.0,
+                                           temperature=1.3, z_loss=0.05, reduction="sum"),
+        lambda x: _ce_formula(x, T_IGNORED, weight=W, label_smoothing=0.1, softcap=2.0, temperature=1.3,
+                              z_loss=0.05, reduction="sum")),
+    "ce probabilities weight, smoothing": (
+        lambda x, y: fused_loss.cross_entropy(x, torch.softmax(y, 1), weight=W, label_smoothing=0.2),
+        lambda x, y: F.cross_entropy(x, torch.softmax(y, 1), weight=W, label_smoothing=0.2)),
+    "ce probabilities z_loss": (
+        lambda x, y: fused_loss.cross_entropy(x, torch.softmax(y, 1), z_loss=0.1, temperature=0.8),
+        lambda x, y: _ce_formula(x, torch.softmax(y, 1), z_loss=0.1, temperature=0.8)),
+    "bce weight": (lambda x, y: fused_loss.binary_cross_entropy_with_logits(x, y, weight=W_FULL),
+                   lambda x, y: F.binary_cross_entropy_with_logits(x, y, weight=W_FULL)),
+    "bce pos_weight": (lambda x, y: fused_loss.binary_cross_entropy_with_logits(x, y, pos_weight=W, reduction="sum"),
+                       lambda x, y: F.binary_cross_entropy_with_logits(x, y, pos_weight=W, reduction="sum")),
+    "bce weight, pos_weight, none": (
+        lambda x, y: fused_loss.binary_cross_entropy_with_logits(x, y, W[:1], reduction="none", pos_weight=W),
+        lambda x, y: F.binary_cross_entropy_with_logits(x, y, W[:1], reduction="none", pos_weight=W)),
+    "smooth_l1 beta": (lambda x, y: fused_loss.smooth_l1_loss(x, y, beta=2.0),
+                       lambda x, y: F.smooth_l1_loss(x, y, beta=2.0)),
+    "smooth_l1 beta, none": (lambda x, y: fused_loss.smooth_l1_loss(x, y, beta=0.3, reduction="none"),
+                             lambda x, y: F.smooth_l1_loss(x, y, beta=0.3, reduction="none")),
+    "huber delta": (lambda x, y: fused_loss.huber_loss(x, y, delta=2.0, reduction="sum"),
+                    lambda x, y: F.huber_loss(x, y, delta=2.0, reduction="sum")),
+    "huber weight": (lambda x, y: fused_loss.huber_loss(x, y, delta=0.4, weight=W_FULL),
+                     lambda x, y: F.huber_loss(x, y, delta=0.4, weight=W_FULL)),
+    "huber weight, none": (lambda x, y: fused_loss.huber_loss(x, y, weight=W_FULL.flip(0), reduction="none"),
+                           lambda x, y: F.huber_loss(x, y, weight=W_FULL.flip(0), reduction="none")),
+    "focal alpha, gamma": (lambda x, y: fused_loss.sigmoid_focal_loss(x, y, alpha=0.7, gamma=3.0, reduction="sum"),
+                           lambda x, y: reference.sigmoid_focal_loss(x, y, alpha=0.7, gamma=3.0, reduction="sum")),
+    "focal no alpha": (lambda x, y: fused_loss.sigmoid_focal_loss(x, y, alpha=-1.0, gamma=1.0, reduction="mean"),
+                       lambda x, y: reference.sigmoid_focal_loss(x, y, alpha=-1.0, gamma=1.0, reduction="mean")),
+    "focal none": (lambda x, y: fused_loss.sigmoid_focal_loss(x, y, alpha=0.1, gamma=2.5),
+                   lambda x, y: reference.sigmoid_focal_loss(x, y, alpha=0.1, gamma=2.5)),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTION_CASES))
+def test_second_derivative_of_every_option_matches_torch(name):
+    """A Hessian-vector product (the gradient of a gradient penalty, with an upstream gradient
+    that is not all ones for 'none') with respect to the input and the target where it has one."""
+    ours_fn, torch_fn = OPTION_CASES[name]
+
+    def second(fn):
+        args = [a.requires_grad_() for a in ((X.clone(),) if fn.__code__.co_argcount == 1 else (X.clone(), Y.clone()))]
+        loss = fn(*args)
+        up = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+        grads = torch.autograd.grad(loss, args, up, create_graph=True)
+        penalty = sum((g * g.detach().sign() * torch.arange(1, g.numel() + 1, dtype=g.dtype).reshape(g.shape)).sum()
+                      + (g ** 2).sum() for g in grads if g.requires_grad)
+        return [torch.zeros_like(a) if h is None else h
+                for a, h in zip(args, torch.autograd.grad(penalty, args, allow_unused=True))]
+
+    ours, theirs = second(ours_fn), second(torch_fn)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert ours[0].abs().sum() > 0

@@ -79,3 +79,43 @@ def test_loss_value_does_not_cancel_with_a_far_logit(name):
     err_torch = abs(F.cross_entropy(x, t, **kw).item() - ref) / abs(ref)
     err_ours = abs(fused_loss.cross_entropy(x, t, **kw).item() - ref) / abs(ref)
     assert err_ours <= 2 * err_torch + torch.finfo(torch.float32).eps, (err_ours, err_torch)
+
+
+def _float16_cases(scale):
+    """Each loss on float16 input whose per-element losses are about `scale` (400 of them)."""
+    x = torch.full((400,), scale, dtype=torch.float16)
+    rows = torch.zeros(400, 3, dtype=torch.float16)
+    rows[:, 0] = -scale
+    probs = torch.zeros(400, 3, dtype=torch.float16)
+    probs[:, 0] = 1
+    target = torch.zeros(400, dtype=torch.long)
+    return {
+        "cross_entropy": (rows, target, {}),
+        "cross_entropy_kdim": (rows.view(200, 2, 3).transpose(1, 2), target.view(200, 2), {}),
+        "cross_entropy_probs": (rows, probs, {}),
+        "binary_cross_entropy_with_logits": (-x, torch.ones_like(x), {}),
+        "smooth_l1_loss": (x, torch.zeros_like(x), {}),
+        "huber_loss": (x, torch.zeros_like(x), {}),
+        "sigmoid_focal_loss": (-x, torch.ones_like(x), dict(alpha=0.9)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_float16_cases(1.0)))
+def test_float16_sum_past_its_range_is_inf_and_mean_is_not(name):
+    """A float16 'sum' past 65504 is inf, as torch's (the float32 total rounded to the result's
+    dtype, not refused by a checked conversion). The 'mean' of the same values is finite and
+    float64's to float16's precision; torch's cross-entropy 'mean' on the CPU is inf there (it sums
+    in float16 before dividing: README, "Where torch itself is inconsistent")."""
+    from fused_loss import reference
+    base = name.replace("_kdim", "").replace("_probs", "")
+    x, t, kw = _float16_cases(1000.0)[name]
+    for reduction in ("sum", "mean"):
+        ours = getattr(fused_loss, base)(x, t, reduction=reduction, **kw)
+        theirs = getattr(reference, base)(x, t, reduction=reduction, **kw)
+        exact = getattr(reference, base)(x.double(), t.double() if t.is_floating_point() else t,
+                                         reduction=reduction, **kw)
+        assert ours.dtype == theirs.dtype == torch.float16
+        if reduction == "sum":
+            assert ours.isinf() and theirs.isinf(), (ours, theirs)
+        else:
+            torch.testing.assert_close(ours.double(), exact, rtol=1e-3, atol=0)

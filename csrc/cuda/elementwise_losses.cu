@@ -110,13 +110,15 @@ __global__ void finish_kernel(const A* __restrict__ partials, int count, double 
 template <typename T, typename Op>
 __global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ y, DeviceOperand<T> w,
                                 DeviceOperand<T> pw, int64_t n, bool vectorized, Op op,
-                                const T* __restrict__ grad_elems, const T* __restrict__ grad_scalar,
-                                acc_t<T> grad_scalar_scale, T* __restrict__ dx, T* __restrict__ dy,
+                                const T* __restrict__ grad_elems, const double* __restrict__ grad_scalar,
+                                double grad_scalar_divisor, T* __restrict__ dx, T* __restrict__ dy,
                                 bool skip_if_one) {
   using A = acc_t<T>;
   // Into the forward's in-pass gradient (backward_into): it is already right for an upstream of 1.
-  if (skip_if_one && A(grad_scalar[0]) == A(1)) return;
-  const A g_all = grad_scalar != nullptr ? A(grad_scalar[0]) * grad_scalar_scale : A(0);
+  // The upstream scalar is read as a double and divided in double, as the CPU does (item<double>()):
+  // rounded to a 16-bit input's dtype first, 1.001 would pass for 1 and 0.1 scale by bf16(0.1).
+  if (skip_if_one && grad_scalar[0] == 1.0) return;
+  const A g_all = grad_scalar != nullptr ? A(grad_scalar[0] / grad_scalar_divisor) : A(0);
   for_elements<T>(x, y, w, pw, n, vectorized, [&](int64_t i, const ElemArgs<A>& a) {
     const A g = grad_elems != nullptr ? A(grad_elems[i]) : g_all;
     if (dx != nullptr) dx[i] = static_cast<T>(op.grad_input(a) * g);
@@ -204,7 +206,6 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
                                                  const std::optional<at::Tensor>& pos_weight, int64_t reduction,
                                                  bool input_grad, bool target_grad, const Op& op,
                                                  const at::Tensor* into = nullptr) {
-  using A = acc_t<T>;
   const Reduction red = to_reduction(reduction);
   const Inputs<T> in(input, target, weight, pos_weight);
   const at::Tensor &x = in.x, &y = in.y;
@@ -222,13 +223,13 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad, const a
   } else {
     TORCH_CHECK(grad.numel() == 1, "fused_loss: expected a scalar gradient, got shape ", grad.sizes());
   }
-  g = grad.to(x.scalar_type()).contiguous();
+  g = grad.to(red == Reduction::None ? x.scalar_type() : at::kDouble).contiguous();
   const bool vec = in.vectorized();
   const bool per_element = red == Reduction::None;
   auto stream = at::cuda::getCurrentCUDAStream();
   backward_kernel<T, Op><<<blocks_for(n), kThreads, 0, stream>>>(
       x.data_ptr<T>(), y.data_ptr<T>(), w, pw, n, vec, op, per_element ? g.data_ptr<T>() : nullptr,
-      per_element ? nullptr : g.data_ptr<T>(), A(red == Reduction::Mean ? 1.0 / double(n) : 1.0),
+      per_element ? nullptr : g.data_ptr<double>(), red == Reduction::Mean ? double(n) : 1.0,
       input_grad ? dx.data_ptr<T>() : nullptr, target_grad ? dy.data_ptr<T>() : nullptr,
       into != nullptr && !per_element);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -108,7 +108,10 @@ void launch_layout(int64_t rows, int64_t classes, int64_t inner, F launch) {
       break;
     case Layout::kWarp: {
       const int64_t per_block = kRowsThreads / kWarp;
-      launch(LayoutTag<Layout::kWarp>{}, (rows + per_block - 1) / per_block, kRowsThreads);
+      const int64_t blocks = (rows + per_block - 1) / per_block;
+      TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fused_loss.cross_entropy: too many rows (", rows,
+                  ") for the CUDA kernel");
+      launch(LayoutTag<Layout::kWarp>{}, blocks, kRowsThreads);
       break;
     }
     case Layout::kBlock:
