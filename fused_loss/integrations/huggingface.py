@@ -22,14 +22,11 @@ transformers is optional: importing fused_loss never imports it; this module nee
 build the output (`pip install transformers`, or the `hf` extra).
 """
 import inspect
-import types
 
 import torch
 
 from ..functional import linear_cross_entropy
 
-_MARK = "_fused_loss_original_forward"
-_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
 
 def _require_transformers():
@@ -54,39 +51,75 @@ def apply_fused_linear_cross_entropy(model, *, chunk_size=None):
     """Patch this model instance (returned, for chaining) so that its forward with labels computes
     the loss with fused_loss.linear_cross_entropy and returns logits=None. `chunk_size`: rows
     per chunk of fused_loss.linear_cross_entropy (default: its own). Undo with
-    remove_fused_linear_cross_entropy(model). Patching a patched model only updates chunk_size."""
+    remove_fused_linear_cross_entropy(model). Patching a patched model only updates chunk_size.
+
+    The patched `model.forward` presents the model's own signature (`inspect.signature`), so that
+    tools which read it (Trainer's column filter and its `num_items_in_batch` check, PEFT,
+    accelerate) see the model's forward; `model.forward.__wrapped__` is the model's own forward."""
     _require_transformers()
     _head_and_decoder(model)  # fail now, not at the first batch
-    original = model.__dict__.get(_MARK) or model.forward
-    signature = inspect.signature(original)
-
-    def forward(self, *args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        arguments = dict(bound.arguments)
-        extra = arguments.pop(_var_keyword(signature), {}) if _var_keyword(signature) else {}
-        labels = arguments.pop("labels", None)
-        logits_to_keep = arguments.pop("logits_to_keep", 0)
-        keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
-        if labels is None or not keep_all or extra.get("return_dict") is False:
-            return original(*args, **kwargs)
-        return _fused_forward(self, labels, {**arguments, **extra}, chunk_size)
-
-    model.__dict__[_MARK] = original
-    model.forward = types.MethodType(forward, model)
+    current = model.__dict__.get("forward")
+    original = current.original if isinstance(current, FusedForward) else current
+    model.__dict__["forward"] = FusedForward(model, original, chunk_size)
     return model
 
 
 def remove_fused_linear_cross_entropy(model):
     """Restore the model's own forward (returns the model)."""
-    if _MARK in model.__dict__:
-        del model.__dict__["forward"]
-        del model.__dict__[_MARK]
+    current = model.__dict__.get("forward")
+    if isinstance(current, FusedForward):
+        if current.original is None:
+            del model.__dict__["forward"]
+        else:
+            model.__dict__["forward"] = current.original
     return model
 
 
 def is_fused(model) -> bool:
     """Whether apply_fused_linear_cross_entropy patched this model."""
-    return _MARK in model.__dict__
+    return isinstance(model.__dict__.get("forward"), FusedForward)
+
+
+class FusedForward:
+    """The patched forward of one model: with labels (and every logit kept, and a dict asked for),
+    the fused loss; otherwise the model's own forward. `original`: a forward the instance had of
+    its own (an accelerate hook's, say), or None for its class's forward, looked up at each call so
+    that copy.deepcopy and pickle keep this model's forward (a bound method kept here would pickle
+    and copy as the first model's). A plain object, not a closure, so the model pickles."""
+
+    def __init__(self, model, original, chunk_size):
+        self.model, self.original, self.chunk_size = model, original, chunk_size
+
+    def own_forward(self):
+        return self.original if self.original is not None else type(self.model).forward.__get__(self.model)
+
+    @property
+    def __wrapped__(self):
+        return self.own_forward()
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self.own_forward())
+
+    @property
+    def __name__(self):
+        return getattr(self.own_forward(), "__name__", "forward")
+
+    def __call__(self, *args, **kwargs):
+        own = self.own_forward()
+        signature = inspect.signature(own)
+        arguments = dict(signature.bind(*args, **kwargs).arguments)
+        var_keyword = _var_keyword(signature)
+        extra = arguments.pop(var_keyword, {}) if var_keyword else {}
+        labels = arguments.pop("labels", None)
+        logits_to_keep = arguments.pop("logits_to_keep", 0)
+        keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        if labels is None or not keep_all or extra.get("return_dict") is False:
+            return own(*args, **kwargs)
+        return _fused_forward(self.model, labels, {**arguments, **extra}, self.chunk_size)
+
+    def __repr__(self):
+        return f"<fused_loss forward of {type(self.model).__name__} (chunk_size={self.chunk_size})>"
 
 
 def _var_keyword(signature):
