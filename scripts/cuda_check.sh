@@ -43,7 +43,9 @@ if grep -E "^(csrc|$PWD/csrc)/[^ ]*(\(|:)[0-9]+.*warning" "$OUT/build.log" >&2; 
   echo "cuda_check.sh: warnings in fused_loss's sources (above)" >&2
   exit 1
 fi
-rm -rf "$OUT/lib/fused_loss"/*.py && cp fused_loss/*.py "$OUT/lib/fused_loss/"
+# The package's Python files (subpackages included) beside the built _C, no stale ones.
+find "$OUT/lib/fused_loss" -name '*.py' -delete
+(cd fused_loss && find . -name '*.py' -exec install -D -m 644 {} "$OUT/lib/fused_loss/{}" \;)
 check() {
 PYTHONPATH="$OUT/lib" PYTHONSAFEPATH=1 "$PY" - <<'PY'
 import torch
