@@ -45,7 +45,7 @@ if grep -E "^(csrc|$PWD/csrc)/[^ ]*(\(|:)[0-9]+.*warning" "$OUT/build.log" >&2; 
 fi
 # The package's Python files (subpackages included) beside the built _C, no stale ones.
 find "$OUT/lib/fused_loss" -name '*.py' -delete
-(cd fused_loss && find . -name '*.py' -exec install -D -m 644 {} "$OUT/lib/fused_loss/{}" \;)
+(cd fused_loss && find . -name '*.py' -exec install -D -m 644 {} "$OLDPWD/$OUT/lib/fused_loss/{}" \;)
 check() {
 PYTHONPATH="$OUT/lib" PYTHONSAFEPATH=1 "$PY" - <<'PY'
 import torch
